@@ -1,0 +1,19 @@
+"""Where each data-prep stage lives under `DataConfig.output_dir` (pure path functions)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def docs_dir(output_dir: str | Path) -> Path:
+    """Cleaned documents: Arrow shards, manifest.json, rejects.jsonl."""
+    return Path(output_dir) / "docs"
+
+
+def tokenizer_dir(output_dir: str | Path) -> Path:
+    """spiece.model plus the Hugging Face tokenizer files."""
+    return Path(output_dir) / "tokenizer"
+
+
+def tokens_dir(output_dir: str | Path) -> Path:
+    """Packed token windows: Arrow shards of input_ids and manifest.json."""
+    return Path(output_dir) / "tokens"

@@ -1,0 +1,167 @@
+"""SentencePiece training and export to a Hugging Face tokenizer in the T5 id layout.
+
+Layout (as in the original T5 vocabulary): pad 0, eos 1 (`</s>`), unk 2, no bos, the
+SentencePiece pieces, then `num_sentinels` sentinels with `<extra_id_0>` the highest id.
+Unknown characters fall back to UTF-8 byte pieces, so nothing maps to unk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from data_prep.config import TokenizerConfig
+from data_prep.shards import get_sha256, iter_batches, list_shards, write_json
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+SPIECE_FILE = "spiece.model"
+
+
+def iter_doc_lines(docs_dir: Path) -> Iterator[str]:
+    """Non-empty lines of every document, in shard order."""
+    for shard in list_shards(docs_dir):
+        for batch in iter_batches(shard):
+            for text in batch.column("text").to_pylist():
+                yield from (line for line in text.split("\n") if line)
+
+
+def sample_lines(lines: Iterable[str], max_lines: int, seed: int) -> list[str]:
+    """Uniform sample of at most `max_lines` lines (reservoir sampling: one pass, bounded memory)."""
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    for i, line in enumerate(lines):
+        if i < max_lines:
+            reservoir.append(line)
+        elif (j := rng.randrange(i + 1)) < max_lines:
+            reservoir[j] = line
+    return reservoir
+
+
+def train_sentencepiece(lines: list[str], cfg: TokenizerConfig, out_path: Path) -> None:
+    """Train on `lines` and write the model to `out_path` (lines over 4192 bytes are skipped by SentencePiece)."""
+    try:
+        with open(out_path, "wb") as model_writer:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines),
+                model_writer=model_writer,
+                vocab_size=cfg.vocab_size,
+                model_type=cfg.model_type,
+                character_coverage=cfg.character_coverage,
+                pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+                byte_fallback=True,
+                minloglevel=2,
+                num_threads=os.cpu_count(),
+            )
+    except RuntimeError as e:
+        raise explain_training_error(e, cfg) from e
+
+
+def explain_training_error(error: RuntimeError, cfg: TokenizerConfig) -> Exception:
+    """Turn SentencePiece's vocabulary-size failures into a user-facing ValueError."""
+    message = str(error)
+    if "Vocabulary size is smaller than required_chars" in message:
+        return ValueError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small for the characters the corpus needs at "
+            f"character_coverage={cfg.character_coverage} ({message.split('] ')[-1]}). "
+            "Raise tokenizer.vocab_size or lower tokenizer.character_coverage."
+        )
+    if "Vocabulary size too high" in message:
+        return ValueError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus ({message.split('] ')[-1]}). "
+            "Lower tokenizer.vocab_size, add data, or raise tokenizer.sample_sentences."
+        )
+    return error
+
+
+def build_hf_backend(spiece_path: Path, num_sentinels: int):
+    """tokenizers.Tokenizer reproducing SentencePiece exactly, with sentinels and a trailing </s>."""
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(spiece_path.read_bytes())
+    sentinels = [(f"<extra_id_{i}>", 0.0) for i in range(num_sentinels - 1, -1, -1)]
+    vocab = [(p.piece, p.score) for p in proto.pieces] + sentinels
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", EOS_ID)]
+    )
+    return backend
+
+
+def export_hf_tokenizer(spiece_path: Path, num_sentinels: int, out_dir: Path) -> None:
+    """Write tokenizer.json + tokenizer_config.json (+ special tokens) into `out_dir`."""
+    from transformers import T5Tokenizer
+
+    backend = build_hf_backend(spiece_path, num_sentinels)
+    sentinels = [f"<extra_id_{i}>" for i in range(num_sentinels)]
+    tok = T5Tokenizer(tokenizer_object=backend, extra_ids=num_sentinels, additional_special_tokens=sentinels)
+    tok.save_pretrained(str(out_dir))
+    # transformers 5's T5Tokenizer rebuilds its own pipeline from the vocab and drops byte
+    # fallback; "TokenizersBackend" makes AutoTokenizer load tokenizer.json verbatim
+    # (exact SentencePiece ids, byte fallback for 𠮷 or emoji).
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "TokenizersBackend"
+    write_json(config_path, config)
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    """The Hugging Face tokenizer of a prepared tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def check_special_ids(spiece_path: Path) -> int:
+    """Number of pieces; raises ValueError unless pad/eos/unk/bos follow the T5 layout."""
+    sp = spm.SentencePieceProcessor(model_file=str(spiece_path))
+    found = (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id())
+    if found != (PAD_ID, EOS_ID, UNK_ID, -1):
+        raise ValueError(
+            f"{spiece_path}: pad/eos/unk/bos ids are {found}, expected ({PAD_ID}, {EOS_ID}, {UNK_ID}, -1) (T5 layout)"
+        )
+    return sp.get_piece_size()
+
+
+def write_tokenizer_manifest(out_dir: Path, num_sentinels: int) -> dict:
+    spiece_path = out_dir / SPIECE_FILE
+    num_pieces = check_special_ids(spiece_path)
+    vocab_size = len(load_tokenizer(out_dir))
+    if vocab_size != num_pieces + num_sentinels:
+        raise ValueError(
+            f"{out_dir}: Hugging Face tokenizer has {vocab_size} tokens, expected {num_pieces} pieces "
+            f"+ {num_sentinels} sentinels (tokenizer.num_sentinels)"
+        )
+    manifest = {
+        "vocab_size": vocab_size, "num_pieces": num_pieces, "num_sentinels": num_sentinels,
+        "pad_id": PAD_ID, "eos_id": EOS_ID, "unk_id": UNK_ID, "spiece_sha256": get_sha256(spiece_path),
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def build_tokenizer(docs_dir: Path, cfg: TokenizerConfig, out_dir: Path, log=print) -> dict:
+    """Train (or copy from `cfg.path`) a tokenizer into `out_dir`; returns its manifest."""
+    if cfg.path:
+        copy_existing_tokenizer(Path(cfg.path), out_dir)
+    else:
+        lines = sample_lines(iter_doc_lines(docs_dir), cfg.sample_sentences, cfg.seed)
+        if not lines:
+            raise ValueError(f"no text to train the tokenizer on: {docs_dir} kept no documents (see its manifest.json)")
+        log(f"tokenizer: training {cfg.model_type} vocab {cfg.vocab_size} on {len(lines)} lines")
+        train_sentencepiece(lines, cfg, out_dir / SPIECE_FILE)
+    if not (out_dir / "tokenizer.json").exists():
+        export_hf_tokenizer(out_dir / SPIECE_FILE, cfg.num_sentinels, out_dir)
+    return write_tokenizer_manifest(out_dir, cfg.num_sentinels)
+
+
+def copy_existing_tokenizer(src: Path, out_dir: Path) -> None:
+    if not (src / SPIECE_FILE).is_file():
+        raise ValueError(f"tokenizer.path={str(src)!r} has no {SPIECE_FILE}")
+    shutil.copytree(src, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json", "_SUCCESS"))

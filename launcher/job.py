@@ -1,0 +1,210 @@
+"""Load a job: defaults -> YAML -> `a.b=c` overrides -> validate everything -> absolute paths.
+
+Every problem is collected and reported at once with its YAML path (pydantic's field errors
+and the cross-section checks alike), before anything starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from data_prep.config import DataConfig
+from launcher.config import JobConfig
+from launcher.ds_config import BatchSizes, get_ds_config_problems, read_ds_config, resolve_ds_config_path
+from trainer.model import get_model_problems
+
+Problem = tuple[str, str]  # (yaml path, what is wrong and what was expected)
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s):"] + [f"  - {path}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(str(path), [("(file)", "no such job file")])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [("(file)", f"not valid YAML: {err}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), [("(file)", f"expected a mapping of sections, got {type(raw).__name__}")])
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
+    """`train.lr=1e-4`, `data.inputs.0.path=x`: values parsed as YAML scalars/lists."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append((item, "override must look like section.key=value"))
+            continue
+        try:
+            _set_path(raw, key.split("."), yaml.safe_load(text) if text else "")
+        except (yaml.YAMLError, IndexError, TypeError) as err:
+            problems.append((key, f"cannot apply override: {err}"))
+    return problems
+
+
+def _set_path(node: Any, parts: list[str], value: Any) -> None:
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            index = int(part)
+            if last:
+                node[index] = value
+            node = node[index]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+
+
+def format_loc(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def pydantic_problems(err: ValidationError, prefix: str = "") -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        path = format_loc(((prefix,) if prefix else ()) + tuple(e["loc"]))
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+        problems.append((path, msg))
+    return problems
+
+
+def _valid_sections(raw: dict) -> dict[str, BaseModel]:
+    """Each section validated on its own, so cross checks run even when another section fails."""
+    sections = {}
+    for name, field in JobConfig.model_fields.items():
+        cls = field.annotation
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            continue
+        value = raw.get(name)
+        section = field.get_default(call_default_factory=True) if value is None else _validate_lenient(cls, value)
+        if section is not None:
+            sections[name] = section
+    return sections
+
+
+def _validate_lenient(cls: type[BaseModel], value: Any) -> BaseModel | None:
+    """The section, ignoring unknown keys (already reported); None if anything else is wrong."""
+    try:
+        return cls.model_validate(value)
+    except ValidationError as err:
+        unknown = {e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1}
+        if not isinstance(value, dict) or len(unknown) != len(err.errors()):
+            return None
+        return _validate_lenient(cls, {k: v for k, v in value.items() if k not in unknown})
+
+
+def resolve_paths(sections: dict[str, BaseModel], raw: dict, base_dir: Path) -> None:
+    """Relative paths in the job are relative to base_dir (the current directory for users)."""
+
+    def absolute(p: str) -> str:
+        return str((base_dir / Path(p).expanduser()).resolve())
+
+    raw["output_dir"] = absolute(raw.get("output_dir", JobConfig.model_fields["output_dir"].default))
+    if "data" in sections:
+        data: DataConfig = sections["data"]
+        data.output_dir = absolute(data.output_dir)
+        for spec in data.inputs:
+            spec.path = absolute(spec.path)
+    if "tokenizer" in sections and sections["tokenizer"].path:
+        sections["tokenizer"].path = absolute(sections["tokenizer"].path)
+    if "deepspeed" in sections:
+        ds = sections["deepspeed"]
+        ds.config = str(resolve_ds_config_path(ds.config if Path(ds.config).is_absolute() or len(Path(ds.config).parts) == 1
+                                               else absolute(ds.config)))
+
+
+def cross_check(s: dict[str, BaseModel]) -> list[Problem]:
+    """Checks that span sections; each runs when the sections it needs are valid."""
+    problems: list[Problem] = []
+    if "data" in s:
+        problems += s["data"].find_problems()
+    if "tokenizer" in s and s["tokenizer"].path and not Path(s["tokenizer"].path).is_dir():
+        problems.append(("tokenizer.path", f"{s['tokenizer'].path}: no such tokenizer directory"))
+    if "model" in s:
+        problems += get_model_problems(s["model"])
+    if "launcher" in s and s["launcher"].backend == "local" and s["launcher"].nnodes != 1:
+        problems.append(("launcher.nnodes", f"the local backend runs on one node, got {s['launcher'].nnodes}"))
+    if "data" in s and "objective" in s:
+        want = s["objective"].expanded_length
+        if s["data"].pack_length not in (None, want):
+            problems.append(("data.pack_length", f"{s['data'].pack_length}, but objective.input_length="
+                             f"{s['objective'].input_length} needs windows of {want} tokens (or leave it unset)"))
+    if "train" in s and "launcher" in s:
+        problems += _batch_problems(s)
+    if "train" in s and "deepspeed" in s and "launcher" in s:
+        problems += _deepspeed_problems(s)
+    return problems
+
+
+def _batch_sizes(s: dict[str, BaseModel]) -> BatchSizes:
+    launcher = s["launcher"]
+    return BatchSizes(s["train"].global_batch_size, s["train"].micro_batch_size,
+                      launcher.nnodes * launcher.nproc_per_node)
+
+
+def _batch_problems(s: dict[str, BaseModel]) -> list[Problem]:
+    batch = _batch_sizes(s)
+    if batch.divisible:
+        return []
+    unit = batch.micro_batch_size * batch.world_size
+    return [("train.global_batch_size",
+             f"{batch.global_batch_size} is not a multiple of train.micro_batch_size ({batch.micro_batch_size}) x "
+             f"data-parallel size ({batch.world_size}) = {unit}")]
+
+
+def _deepspeed_problems(s: dict[str, BaseModel]) -> list[Problem]:
+    path = Path(s["deepspeed"].config)
+    ds, problems = read_ds_config(path)
+    if ds is not None:
+        problems += get_ds_config_problems(ds, path, s["train"], _batch_sizes(s))
+    if s["train"].precision == "fp16" and not _cuda_available():
+        problems.append(("train.precision", "fp16 needs a CUDA GPU; DeepSpeed's CPU accelerator supports bf16 or fp32"))
+    return problems
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_job(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> JobConfig:
+    """The validated job with absolute paths, or ConfigError listing every problem."""
+    path = Path(path)
+    base_dir = base_dir or Path.cwd()
+    raw = read_yaml(path)
+    problems = apply_overrides(raw, list(overrides))
+    try:
+        JobConfig.model_validate(raw)
+    except ValidationError as err:
+        problems += pydantic_problems(err)
+    sections = _valid_sections(raw)
+    resolve_paths(sections, raw, base_dir)
+    problems += cross_check(sections)
+    if problems:
+        raise ConfigError(str(path), problems)
+    resolved = {**raw, **{name: section.model_dump() for name, section in sections.items()}}
+    return JobConfig.model_validate(resolved)

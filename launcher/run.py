@@ -1,0 +1,98 @@
+"""Turn a validated job into a run: the run directory's files and the torchrun command.
+
+`plan_run` is pure (what --dry-run prints); `write_run` puts the plan on disk;
+`launch_local` starts torchrun and returns its exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep import layout
+from launcher.config import JobConfig
+from launcher.ds_config import BatchSizes, fill_ds_config, read_ds_config
+from trainer.config import RunInfo
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    config: dict  # the resolved job plus its `run` section: RUN_DIR/config.json
+    ds_config: dict  # the filled DeepSpeed config: RUN_DIR/ds_config.json
+    command: list[str]
+    env: dict[str, str]  # variables set on top of the caller's environment
+
+
+def _run_info(job: JobConfig, batch: BatchSizes) -> RunInfo:
+    run_dir = job.run_dir
+    return RunInfo(
+        run_dir=str(run_dir),
+        ds_config=str(run_dir / "ds_config.json"),
+        tokens_dir=str(layout.tokens_dir(job.data.output_dir)),
+        tokenizer_dir=str(job.tokenizer.path or layout.tokenizer_dir(job.data.output_dir)),
+        world_size=batch.world_size,
+        gradient_accumulation_steps=batch.gradient_accumulation_steps,
+        tracking_uri=job.tracking_uri,
+        job_name=job.name,
+    )
+
+
+def torchrun_command(job: JobConfig, config_path: Path) -> list[str]:
+    launcher = job.launcher
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launcher.nnodes),
+           "--nproc-per-node", str(launcher.nproc_per_node), "--max-restarts", str(launcher.max_restarts)]
+    if launcher.master_port is None:
+        cmd.append("--standalone")
+    else:
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", str(launcher.master_port)]
+    return cmd + ["-m", "trainer", str(config_path)]
+
+
+def worker_env(job: JobConfig) -> dict[str, str]:
+    env = {}
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA and fail
+    if "OMP_NUM_THREADS" not in os.environ:
+        # torchrun defaults to 1 thread per worker; share the cores among the workers instead.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // job.launcher.nproc_per_node))
+    return env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def plan_run(job: JobConfig) -> RunPlan:
+    batch = BatchSizes(job.train.global_batch_size, job.train.micro_batch_size, job.world_size)
+    ds, _ = read_ds_config(Path(job.deepspeed.config))  # load_job already reported any problem
+    run = _run_info(job, batch)
+    config = {**job.model_dump(), "run": run.model_dump()}
+    command = torchrun_command(job, job.run_dir / "config.json")
+    return RunPlan(job.run_dir, config, fill_ds_config(ds, job.train, batch), command, worker_env(job))
+
+
+def write_run(plan: RunPlan) -> None:
+    (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    _write_json(plan.run_dir / "config.json", plan.config)
+    _write_json(plan.run_dir / "ds_config.json", plan.ds_config)
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items())
+    (plan.run_dir / "command.sh").write_text(f"#!/bin/sh\n{env} {shlex.join(plan.command)}\n", encoding="utf-8")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def launch_local(plan: RunPlan) -> int:
+    env = {**os.environ, **plan.env}
+    return subprocess.call(plan.command, env=env)

@@ -1,0 +1,34 @@
+"""Worker entry point, started by torchrun on every rank: `python -m trainer RUN_DIR/config.json`."""
+
+from __future__ import annotations
+
+import sys
+
+from trainer.distributed import init_distributed, setup_logging
+from trainer.config import load_worker_config
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m trainer RUN_DIR/config.json", file=sys.stderr)
+        return 2
+    cfg = load_worker_config(argv[0])
+    setup_logging(cfg.run.run_dir)
+    init_distributed()
+    from trainer.train import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        trainer.close("KILLED")
+        raise
+    except BaseException:
+        trainer.close("FAILED")
+        raise
+    trainer.close("FINISHED")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,94 @@
+"""Packed token windows and the order in which ranks read them.
+
+Token shards are Arrow IPC stream files written by data prep (`tokens/shard-*.arrow`, one
+column `input_ids: fixed_size_list<int32>[pack_length]`, described by `tokens/manifest.json`).
+They are memory-mapped, so every rank "loads" the whole corpus without reading it.
+
+The data order is a pure function of (seed, epoch, global sample index): global sample g
+belongs to epoch g // N and is window perm_epoch[g % N]. A run resumed at step k computes
+its batches directly from k (O(1) in k, no replay), and sees exactly the batches an
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+
+class TokenWindows:
+    """All packed windows of a tokens directory, as one [N, pack_length] int32 view."""
+
+    def __init__(self, tokens_dir: str | Path):
+        tokens_dir = Path(tokens_dir)
+        manifest_path = tokens_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: no token manifest; run `t5ja prep` for this job first")
+        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        self.pack_length = int(self.manifest["pack_length"])
+        self._shards = [self._map_shard(tokens_dir / s["file"]) for s in self.manifest["shards"]]
+        self._offsets = np.cumsum([0] + [len(s) for s in self._shards])
+        if self._offsets[-1] == 0:
+            raise ValueError(f"{tokens_dir}: the token shards hold no window of {self.pack_length} tokens")
+
+    def _map_shard(self, path: Path) -> np.ndarray:
+        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+        flat = table.column("input_ids").combine_chunks().values.to_numpy(zero_copy_only=True)
+        return flat.reshape(-1, self.pack_length)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """Windows at the given global window indices, as a new [len(indices), L] array."""
+        shard_ids = np.searchsorted(self._offsets, indices, side="right") - 1
+        rows = [self._shards[s][i - self._offsets[s]] for s, i in zip(shard_ids, indices)]
+        return np.stack(rows).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SampleOrder:
+    """Maps global sample indices to window indices: a fresh permutation per epoch."""
+
+    num_windows: int
+    seed: int
+
+    def epoch_of(self, global_index: int) -> int:
+        return global_index // self.num_windows
+
+    def windows(self, global_indices: np.ndarray) -> np.ndarray:
+        epochs = global_indices // self.num_windows
+        positions = global_indices % self.num_windows
+        return np.array([_permutation(self.num_windows, self.seed, int(e))[p] for e, p in zip(epochs, positions)])
+
+
+@lru_cache(maxsize=2)
+def _permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_windows)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which global sample indices each rank reads at each micro-step.
+
+    Optimizer step s consumes samples [s*G, (s+1)*G). Micro-step m of that step gives rank r
+    the contiguous slice starting at s*G + (m*W + r)*micro, so the samples of one step are
+    the same for any (world size, accumulation) split of the same global batch.
+    """
+
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+
+    def micro_batch_indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
+        start = step * self.global_batch_size + (micro_step * self.world_size + rank) * self.micro_batch_size
+        return np.arange(start, start + self.micro_batch_size, dtype=np.int64)

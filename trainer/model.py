@@ -1,0 +1,111 @@
+"""Model presets as data, built with Hugging Face transformers classes (no model code of ours).
+
+A preset names an architecture (a transformers config + model class) and the config
+values; `model.overrides` in the job file changes any of them. Adding a preset is adding a
+table row, never a code branch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+# architecture -> (transformers config class, model class), imported lazily by name so that
+# validating a job does not import every model family.
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "t5": ("T5Config", "T5ForConditionalGeneration"),
+}
+
+# T5 v1.0 layout (Raffel et al. 2020): ReLU FFN, tied input/output embeddings. Special ids
+# follow the T5 tokenizer layout that data prep trains: pad 0 (also decoder start), eos 1.
+_T5_COMMON = dict(
+    feed_forward_proj="relu",
+    tie_word_embeddings=True,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+    relative_attention_num_buckets=32,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed model's layout (t5-base-japanese): 12+12 layers, d_model 768 -> 222.9M params.
+    "t5-base-ja": dict(
+        architecture="t5",
+        config=dict(_T5_COMMON, vocab_size=32128, d_model=768, d_kv=64, d_ff=3072,
+                    num_layers=12, num_decoder_layers=12, num_heads=12, dropout_rate=0.1),
+    ),
+    # T5-small layout (60.5M params at vocab 32128), for benchmarks.
+    "t5-small-ja": dict(
+        architecture="t5",
+        config=dict(_T5_COMMON, vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,
+                    num_layers=6, num_decoder_layers=6, num_heads=8, dropout_rate=0.1),
+    ),
+    # A few hundred thousand parameters plus embeddings: CPU tests and the quickstart.
+    # vocab_size None = sized from the trained tokenizer.
+    "t5-tiny": dict(
+        architecture="t5",
+        config=dict(_T5_COMMON, vocab_size=None, d_model=128, d_kv=32, d_ff=512,
+                    num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0),
+    ),
+}
+
+
+class ModelConfig(BaseModel):
+    """Which model to build."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field("t5-tiny", description=f"model preset: one of {', '.join(PRESETS)}")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="values that replace the preset's transformers config fields"
+    )
+
+
+def _transformers_class(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def get_model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(yaml path, message) for an unknown preset or override key; empty when valid."""
+    if cfg.preset not in PRESETS:
+        return [("model.preset", f"unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")]
+    config_cls = _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][0])
+    known = set(config_cls().to_dict())
+    return [
+        (f"model.overrides.{key}", f"not a field of {config_cls.__name__}")
+        for key in cfg.overrides
+        if key not in known
+    ]
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def build_model_config(cfg: ModelConfig, tokenizer_size: int):
+    """The transformers config for this job; vocab sized from the tokenizer when unset."""
+    preset = PRESETS[cfg.preset]
+    values = {**preset["config"], **cfg.overrides}
+    if values.get("vocab_size") is None:
+        # Multiple of 128 like T5's 32128: keeps embedding matmuls on fast tile sizes.
+        values["vocab_size"] = round_up(tokenizer_size, 128)
+    if values["vocab_size"] < tokenizer_size:
+        raise ValueError(
+            f"model.overrides.vocab_size={values['vocab_size']} is smaller than the tokenizer ({tokenizer_size} ids)"
+        )
+    config_cls = _transformers_class(ARCHITECTURES[preset["architecture"]][0])
+    return config_cls(**values)
+
+
+def build_model(cfg: ModelConfig, tokenizer_size: int) -> torch.nn.Module:
+    config = build_model_config(cfg, tokenizer_size)
+    model_cls = _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][1])
+    return model_cls(config)
+
+
+def get_model_class(cfg: ModelConfig):
+    return _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][1])

@@ -1,0 +1,247 @@
+"""The training loop: one DeepSpeed engine, span-corruption batches, named steps.
+
+    while step < steps: train_step -> maybe_log -> maybe_checkpoint
+    then: final checkpoint -> Hugging Face export (checked against the engine) -> close
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint as ckpt
+from trainer.config import WorkerConfig
+from trainer.data import BatchPlan, SampleOrder, TokenWindows
+from trainer.metrics import MetricLogger, build_metric_logger, flatten
+from trainer.model import build_model
+from trainer.optim import build_optimizer, build_scheduler, lr_factor
+from trainer.span_corruption import SpanCorruptionCollator, sample_seed
+
+log = logging.getLogger("trainer")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_offload_optimizer(ds_config: dict) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+class Trainer:
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.run_dir)
+        self.rank = dist.get_rank()
+        self.state = ckpt.TrainState()
+        self._build_data()
+        self._build_engine()
+        self.logger: MetricLogger | None = self._build_logger() if self.rank == 0 else None
+        self._window = _LogWindow()
+
+    # ---- construction -------------------------------------------------------------
+    def _build_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.run.tokenizer_dir)
+        self.windows = TokenWindows(cfg.run.tokens_dir)
+        if self.windows.pack_length != cfg.objective.expanded_length:
+            raise ValueError(
+                f"{cfg.run.tokens_dir}: windows of {self.windows.pack_length} tokens, but objective.input_length="
+                f"{cfg.objective.input_length} needs {cfg.objective.expanded_length}; rerun `t5ja prep`"
+            )
+        self.order = SampleOrder(len(self.windows), cfg.train.seed)
+        self.plan = BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.run.world_size)
+        # T5 layout: <extra_id_0> is the highest tokenizer id, the others count down.
+        self.collator = SpanCorruptionCollator(
+            cfg.objective, eos_id=self.tokenizer.eos_token_id, first_sentinel_id=len(self.tokenizer) - 1
+        )
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model, len(self.tokenizer))
+        self.num_params = sum(p.numel() for p in model.parameters())
+        ds_config = json.loads(Path(cfg.run.ds_config).read_text())
+        self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        optimizer = build_optimizer(model, cfg.train, is_offload_optimizer(ds_config))
+        scheduler = build_scheduler(optimizer, cfg.train)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+
+    def _build_logger(self) -> MetricLogger:
+        run = self.cfg.run
+        logger = build_metric_logger(self.cfg.mlflow, run.tracking_uri, self.run_dir, run.job_name, self._description())
+        if logger.mlflow is not None:
+            logger.mlflow.log_params(flatten(self.cfg.raw))
+            logger.mlflow.log_artifact(self.run_dir / "config.json")
+            logger.mlflow.log_artifact(self.run_dir / "ds_config.json")
+        return logger
+
+    def _description(self) -> str:
+        launcher = self.cfg.raw.get("launcher", {})
+        return (
+            f"{self.cfg.run.job_name}: {self.cfg.model.preset} ({self.num_params / 1e6:.1f}M params), "
+            f"{self.cfg.objective.name}, DeepSpeed ZeRO-{self.zero_stage}, {self.cfg.train.precision}, "
+            f"{launcher.get('nnodes', 1)} node(s) x {launcher.get('nproc_per_node', 1)} process(es)"
+        )
+
+    # ---- the loop -----------------------------------------------------------------
+    def train(self) -> None:
+        self.maybe_resume()
+        while self.state.step < self.cfg.train.steps:
+            loss, data_s, step_s = self.train_step()
+            self.maybe_log(loss, data_s, step_s)
+            self.maybe_checkpoint()
+        self.finish()
+
+    def maybe_resume(self) -> None:
+        if not self.cfg.checkpoint.resume:
+            return
+        state = ckpt.load_latest(self.engine, self.run_dir)
+        if state is not None:
+            state.restarts.append(state.step)
+            self.state = state
+            log.info("resumed from step %d", state.step)
+
+    def train_step(self) -> tuple[torch.Tensor, float, float]:
+        """One optimizer step: forward/backward over every micro batch of this rank."""
+        start = time.perf_counter()
+        data_s = 0.0
+        loss_sum = torch.zeros(())
+        for micro_step in range(self.plan.accumulation_steps):
+            t0 = time.perf_counter()
+            batch = self.load_batch(self.state.step, micro_step, self.rank)
+            data_s += time.perf_counter() - t0
+            loss = self.engine(**batch).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach().float()
+        self.state.step += 1
+        self.state.consumed_samples += self.plan.global_batch_size
+        self.state.consumed_tokens += self.plan.global_batch_size * self.windows.pack_length
+        return loss_sum / self.plan.accumulation_steps, data_s, time.perf_counter() - start
+
+    def load_batch(self, step: int, micro_step: int, rank: int) -> dict[str, torch.Tensor]:
+        indices = self.plan.micro_batch_indices(step, micro_step, rank)
+        windows = self.windows.get(self.order.windows(indices))
+        seeds = [sample_seed(self.cfg.train.seed, self.order.epoch_of(int(g)), int(g)) for g in indices]
+        return self.collator(windows, seeds)
+
+    def maybe_log(self, loss: torch.Tensor, data_s: float, step_s: float) -> None:
+        self._window.add(loss, data_s, step_s)
+        step = self.state.step
+        if step % self.cfg.train.log_every and step != self.cfg.train.steps:
+            return
+        mean_loss = self._window.mean_loss_all_ranks()
+        metrics = self._window.rates(self.plan.global_batch_size, self.windows.pack_length)
+        metrics.update({
+            "train/loss": mean_loss,
+            "train/lr": self.cfg.train.lr * lr_factor(step - 1, self.cfg.train),  # of the last update
+            "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "train/epoch": self.state.consumed_samples / len(self.windows),
+        })
+        self._window = _LogWindow()
+        if self.logger is not None:
+            self.logger.log(metrics, step)
+            log.info("step %d loss %.4f lr %.2e %.0f tokens/s", step, mean_loss, metrics["train/lr"],
+                     metrics["train/tokens_per_s"])
+
+    def maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if every and self.state.step % every == 0 and self.state.step != self.cfg.train.steps:
+            self.save()
+
+    def save(self) -> str:
+        return ckpt.save_checkpoint(self.engine, self.run_dir, self.state, self.run_dir / "config.json",
+                                    self.cfg.checkpoint.keep_last)
+
+    # ---- the end ------------------------------------------------------------------
+    def finish(self) -> None:
+        tag = ckpt.get_latest_tag(self.run_dir)
+        if tag != ckpt.tag_for(self.state.step):
+            tag = self.save()
+        batch = self.load_batch(0, 0, 0)  # the same fixed batch on every rank
+        engine_logits = self.engine_logits(batch)
+        if self.rank == 0:
+            self.export_and_verify(tag, batch, engine_logits)
+        dist.barrier()
+
+    def engine_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Collective under ZeRO-3 (parameters are gathered layer by layer)."""
+        self.engine.eval()
+        with torch.no_grad():
+            logits = self.engine(**batch).logits.float()
+        self.engine.train()
+        return logits
+
+    def export_and_verify(self, tag: str, batch: dict[str, torch.Tensor], engine_logits: torch.Tensor) -> None:
+        export_dir = self.run_dir / "export"
+        model = build_model(self.cfg.model, len(self.tokenizer))
+        ckpt.export_hf(model, ckpt.consolidated_state_dict(self.run_dir, tag), Path(self.cfg.run.tokenizer_dir),
+                       export_dir)
+        model.eval()
+        with torch.no_grad():
+            export_logits = model(**batch).logits.float()
+        max_diff = (export_logits - engine_logits).abs().max().item()
+        torch.save({**batch, "logits": engine_logits}, export_dir / "verify_batch.pt")
+        log.info("exported %s to %s (max |logit diff| vs engine %.3g)", tag, export_dir, max_diff)
+        self.logger.log({"export/max_abs_logit_diff": max_diff}, self.state.step)
+        if self.logger.mlflow is not None and self.cfg.mlflow.log_model:
+            self.logger.mlflow.log_artifact(export_dir, "export")
+
+    def close(self, status: str) -> None:
+        if self.logger is not None:
+            self.logger.close(status)
+
+
+class _LogWindow:
+    """Accumulates per-step figures between two log steps."""
+
+    def __init__(self):
+        self.loss_sum = torch.zeros(())
+        self.steps = 0
+        self.data_s = 0.0
+        self.step_s = 0.0
+
+    def add(self, loss: torch.Tensor, data_s: float, step_s: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.data_s += data_s
+        self.step_s += step_s
+
+    def mean_loss_all_ranks(self) -> float:
+        # One collective per log step, not per step: ranks see different micro batches.
+        total = torch.stack([self.loss_sum, torch.tensor(float(self.steps))])
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    def rates(self, global_batch: int, pack_length: int) -> dict[str, float]:
+        step_s = self.step_s / self.steps
+        return {
+            "train/step_time_s": step_s,
+            "train/data_wait_share": self.data_s / self.step_s,
+            "train/samples_per_s": global_batch / step_s,
+            # tokens = packed-window tokens consumed (input_length 512 -> 568 per sample)
+            "train/tokens_per_s": global_batch * pack_length / step_s,
+        }
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if torch.is_tensor(value) else value)
