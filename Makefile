@@ -1,0 +1,40 @@
+# The two README commands: `make quickstart` and `make test`. Everything they need is
+# installed here, into .venv, on a fresh machine with Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch unless an NVIDIA driver is present (pip's default torch is a
+# multi-GB CUDA build). Set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu where
+# the default index does not serve a CPU wheel.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: torch comes from the default index"; \
+	else \
+		echo "no NVIDIA GPU: installing CPU $(TORCH_SPEC)"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
+	fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/t5ja quickstart
+
+test: setup
+	$(PY) -m pytest -ra
+
+# Pure-logic tests only (seconds): no torchrun, no DeepSpeed engine.
+test-fast: setup
+	$(PY) -m pytest -ra -m "not multiproc and not service"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
