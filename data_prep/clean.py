@@ -1,57 +1,66 @@
-"""Text normalisation and document filters, one job each (datatrove style `keep(text) -> bool`)."""
+"""Text normalisation applied to every document before filtering (one job: text in, text out)."""
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
+from typing import Callable
 
-_SPACE_RUN = re.compile(r"[ \t]+")
+import neologdn
+
+from data_prep.config import CleanConfig
+
+# Any whitespace except the line break: spaces, tabs, NBSP, U+3000 that survive the normaliser.
+_SPACE_RUN = re.compile(r"[^\S\n]+")
+
+
+def clean_whitespace(text: str, normalize_line: Callable[[str], str] | None = None) -> str:
+    """Collapse runs of spaces, strip each line, drop empty lines; newlines between lines are kept.
+
+    Indentation (often the ideographic space U+3000 in Japanese prose) carries no content and
+    would only waste tokens. `normalize_line`, if given, is applied to each line first.
+    """
+    lines = text.split("\n")
+    if normalize_line is not None:
+        lines = map(normalize_line, lines)
+    stripped = (_SPACE_RUN.sub(" ", line).strip() for line in lines)
+    return "\n".join(line for line in stripped if line)
 
 
 def clean_text(text: str) -> str:
-    """NFKC, collapse runs of spaces, strip each line, drop empty lines.
+    """NFKC, then `clean_whitespace`.
 
     NFKC folds half-width katakana and full-width ASCII (ｱ→ア, １→1) and turns the
-    ideographic paragraph indent U+3000 into a plain space, which the strip then removes:
-    indentation carries no content and would only waste tokens.
+    ideographic paragraph indent U+3000 into a plain space, which the strip then removes.
     """
-    text = unicodedata.normalize("NFKC", text)
-    lines = (_SPACE_RUN.sub(" ", line).strip() for line in text.split("\n"))
-    return "\n".join(line for line in lines if line)
+    return clean_whitespace(unicodedata.normalize("NFKC", text))
 
 
-class MinChars:
-    """Drops documents shorter than `min_chars` characters (after cleaning)."""
-
-    reason = "too_short"
-
-    def __init__(self, min_chars: int):
-        self.min_chars = min_chars
-
-    def keep(self, text: str) -> bool:
-        return len(text) >= max(self.min_chars, 1)  # an empty document is never kept
+def normalize_neologdn_line(line: str) -> str:
+    # neologdn only knows ' ' and U+3000: tabs and NBSP become one space first, so that its
+    # rule "no space between Japanese characters" sees them too. neologdn is not a full NFKC
+    # (it keeps …, ①, ㍻): NFKC afterwards, so the text matches what SentencePiece's nmt_nfkc
+    # normaliser feeds the model, and neologd's own choices (－ → ー) are made first.
+    return unicodedata.normalize("NFKC", neologdn.normalize(_SPACE_RUN.sub(" ", line)))
 
 
-class ExactDedup:
-    """Drops exact duplicates of an earlier document in this run.
+def normalize_neologdn(text: str) -> str:
+    """neologdn then NFKC per line (after collapsing its whitespace), then `clean_whitespace`.
 
-    Keeps 16-byte blake2b digests only, about 100 bytes of Python set per document
-    (~1 GB per 10M documents); keeping the texts themselves would not fit.
+    Per line because neologdn normalises one string as one sentence (it was written for
+    mecab-neologd dictionary entries): it strips only the ends of the whole string and its
+    space and repeat rules look at neighbouring characters, treating '\\n' as an ordinary
+    character. Given one line at a time, every line is normalised exactly as neologd would,
+    and no rule can delete or merge a line break: the paragraph structure survives for the
+    repeated-line filter and for training.
     """
-
-    reason = "duplicate"
-
-    def __init__(self) -> None:
-        self.seen: set[bytes] = set()
-
-    def keep(self, text: str) -> bool:
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-        if digest in self.seen:
-            return False
-        self.seen.add(digest)
-        return True
+    return clean_whitespace(text, normalize_neologdn_line)
 
 
-def build_filters(min_chars: int) -> list[MinChars | ExactDedup]:
-    # Order matters: a short duplicate counts as too_short, and never enters the hash set.
-    return [MinChars(min_chars), ExactDedup()]
+def build_normalizer(cfg: CleanConfig) -> Callable[[str], str]:
+    """The text → text function for `cfg.normalize`; all run in C apart from a loop over lines."""
+    normalizers: dict[str, Callable[[str], str]] = {
+        "neologdn": normalize_neologdn,  # folds ｱ→ア, Ａ１→A1, ーーー→ー, drops ~, spaces between kana/kanji
+        "nfkc": clean_text,
+        "none": clean_whitespace,
+    }
+    return normalizers[cfg.normalize]

@@ -17,3 +17,8 @@ def tokenizer_dir(output_dir: str | Path) -> Path:
 def tokens_dir(output_dir: str | Path) -> Path:
     """Packed token windows: Arrow shards of input_ids and manifest.json."""
     return Path(output_dir) / "tokens"
+
+
+def docs_work_dir(output_dir: str | Path) -> Path:
+    """Per-unit outputs of the docs stage (kept across interrupted runs, removed once docs/ is complete)."""
+    return Path(output_dir) / "work" / "docs"

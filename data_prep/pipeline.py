@@ -1,4 +1,4 @@
-"""The data-prep executor: docs → tokenizer → tokens, each stage atomic and skippable.
+"""The data-prep pipeline: docs → tokenizer → tokens, each stage atomic and skippable.
 
 A stage builds into `<stage_dir>.tmp`, writes `manifest.json`, then its `_SUCCESS` marker
 (holding the stage's parameters as JSON), then renames the directory into place: a killed
@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
+import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow as pa
-
 from data_prep import layout
-from data_prep.clean import build_filters, clean_text
-from data_prep.config import DataConfig, InputSpec, TokenizerConfig, resolve_input_files
+from data_prep.config import DataConfig, TokenizerConfig
+from data_prep.errors import UnreadableInputs
+from data_prep.executor import TaskShare, prepare_work_dir, run_units
+from data_prep.merge import merge_units
 from data_prep.pack import pack_tokens
-from data_prep.readers import RawDoc, Reject, read_file
-from data_prep.shards import ShardWriter, write_json
+from data_prep.shards import write_json
 from data_prep.tokenizer import SPIECE_FILE, build_tokenizer
+from data_prep.units import Plan, get_plan_params, plan_units
 
-DOCS_SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "source", "title", "url", "text")])
-DOC_BATCH_ROWS = 1000
 MARKER = "_SUCCESS"
-
-
-def get_source_name(path: Path) -> str:
-    """File name up to its first dot: 'ja.txt.xz' → 'ja'."""
-    return path.name.split(".")[0]
 
 
 def normalize_params(params: dict) -> Any:
@@ -55,102 +48,10 @@ def run_stage(stage_dir: Path, params: dict, build: Callable[[Path], dict], forc
     return manifest, False
 
 
-class DocsBuilder:
-    """Reads every input, cleans and filters documents, and writes the docs shards."""
-
-    def __init__(self, data: DataConfig, out_dir: Path):
-        self.out_dir = out_dir
-        self.writer = ShardWriter(out_dir, DOCS_SCHEMA, data.shard_bytes)
-        self.filters = build_filters(data.min_chars)
-        self.columns: dict[str, list[str]] = {name: [] for name in DOCS_SCHEMA.names}
-        self.num_ids: Counter[str] = Counter()
-        self.rejects = open(out_dir / "rejects.jsonl", "w", encoding="utf-8")
-
-    def add_input(self, index: int, spec: InputSpec) -> dict:
-        files = resolve_input_files(spec)
-        stats = new_input_stats(index, spec, files)
-        for path in files:
-            source = spec.source or get_source_name(path)
-            stats["sources"].append(source)
-            for item in read_file(path, spec.format, spec.text_field):
-                if isinstance(item, Reject):
-                    self.add_reject(index, item, stats)
-                else:
-                    self.add_doc(item, source, stats)
-        stats["sources"] = sorted(set(stats["sources"]))
-        return stats
-
-    def add_reject(self, index: int, reject: Reject, stats: dict) -> None:
-        stats["num_rejected"] += 1
-        line = {"input": index, "where": reject.where, "reason": reject.reason}
-        self.rejects.write(json.dumps(line, ensure_ascii=False) + "\n")
-
-    def add_doc(self, raw: RawDoc, source: str, stats: dict) -> None:
-        stats["num_docs_in"] += 1
-        stats["text_bytes_in"] += len(raw.text.encode("utf-8"))
-        stats["num_bad_byte_lines"] += raw.num_bad_byte_lines
-        text = clean_text(raw.text)
-        for doc_filter in self.filters:
-            if not doc_filter.keep(text):
-                stats["dropped"][doc_filter.reason] += 1
-                return
-        stats["num_docs_out"] += 1
-        stats["text_bytes_out"] += len(text.encode("utf-8"))
-        self.num_ids[source] += 1
-        doc_id = f"{source}:{raw.doc_id if raw.doc_id is not None else self.num_ids[source] - 1}"
-        for name, value in zip(DOCS_SCHEMA.names, (doc_id, source, raw.title, raw.url, text)):
-            self.columns[name].append(value)
-        if len(self.columns["text"]) >= DOC_BATCH_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.columns["text"]:
-            self.writer.write(pa.RecordBatch.from_pydict(self.columns, schema=DOCS_SCHEMA))
-            self.columns = {name: [] for name in DOCS_SCHEMA.names}
-
-    def finish(self, inputs: list[dict]) -> dict:
-        self.flush()
-        self.rejects.close()
-        shards = self.writer.close()
-        manifest = {"schema": DOCS_SCHEMA.names, "shards": shards, "inputs": inputs, "totals": sum_input_stats(inputs)}
-        manifest["totals"].update(num_shards=len(shards), shard_bytes=sum(s["bytes"] for s in shards))
-        write_json(self.out_dir / "manifest.json", manifest)
-        return manifest
-
-
-def new_input_stats(index: int, spec: InputSpec, files: list[Path]) -> dict:
-    return {
-        "input": index, "path": spec.path, "format": spec.format, "files": [str(f) for f in files], "sources": [],
-        "num_docs_in": 0, "num_docs_out": 0, "text_bytes_in": 0, "text_bytes_out": 0,
-        "dropped": Counter({"too_short": 0, "duplicate": 0}), "num_rejected": 0, "num_bad_byte_lines": 0,
-    }
-
-
-def sum_input_stats(inputs: list[dict]) -> dict:
-    keys = ("num_docs_in", "num_docs_out", "text_bytes_in", "text_bytes_out", "num_rejected", "num_bad_byte_lines")
-    totals: dict[str, Any] = {key: sum(stats[key] for stats in inputs) for key in keys}
-    totals["dropped"] = {}
-    for stats in inputs:
-        stats["dropped"] = dict(stats["dropped"])
-        for reason, count in stats["dropped"].items():
-            totals["dropped"][reason] = totals["dropped"].get(reason, 0) + count
-    return totals
-
-
-def build_docs(data: DataConfig, out_dir: Path, log=print) -> dict:
-    builder = DocsBuilder(data, out_dir)
-    inputs = []
-    for index, spec in enumerate(data.inputs):
-        inputs.append(builder.add_input(index, spec))
-        log(f"docs: input {index} {spec.path}: {inputs[-1]['num_docs_out']} of {inputs[-1]['num_docs_in']} kept")
-    return builder.finish(inputs)
-
-
 def get_docs_params(data: DataConfig) -> dict:
-    """What the docs stage depends on: the inputs (with file sizes, to notice a changed corpus) and cleaning."""
-    files = [[{"path": str(p), "bytes": p.stat().st_size} for p in resolve_input_files(s)] for s in data.inputs]
-    inputs = [spec.model_dump() for spec in data.inputs]
-    return {"inputs": inputs, "files": files, "shard_bytes": data.shard_bytes, "min_chars": data.min_chars}
+    """What docs/ depends on: the units' inputs and settings, plus the merge's."""
+    return {**get_plan_params(data), "shard_bytes": data.shard_bytes, "dedup": data.dedup.model_dump(),
+            "max_rejected_share": data.max_rejected_share}
 
 
 def check_inputs(data: DataConfig, pack_length: int) -> None:
@@ -161,13 +62,60 @@ def check_inputs(data: DataConfig, pack_length: int) -> None:
         raise ValueError("invalid data config:\n" + "\n".join(f"  {path}: {msg}" for path, msg in problems))
 
 
-def run_prep(data: DataConfig, tokenizer: TokenizerConfig, pack_length: int, log=print) -> dict:
-    """Run docs → tokenizer → tokens under `data.output_dir`; returns counts per stage."""
+def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log) -> float:
+    """Run this task's share of the units; raise if an input could not be read. Returns wall seconds."""
+    start = time.perf_counter()
+    work_dir = layout.docs_work_dir(data.output_dir)
+    prepare_work_dir(work_dir, data, plan.units, share.count > 1, log)
+    errors = run_units(plan.units, data, work_dir, share, log)
+    problems = [f"input {i} {path}: {why}" for i, path, why in plan.unreadable]
+    problems += [f"input {e['input']} (unit {e['unit']}): {e['error']}" for e in errors]
+    if problems:
+        raise UnreadableInputs("these inputs could not be read; fix or remove them and rerun "
+                               "(finished units are kept):\n  " + "\n  ".join(problems))
+    return time.perf_counter() - start
+
+
+def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log) -> dict:
+    """All units (resuming finished ones), then the merge into `out_dir`."""
+    units_s = run_docs_units(data, plan, TaskShare(), log)
+    work_dir = layout.docs_work_dir(data.output_dir)
+    manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s)
+    for entry in manifest["inputs"]:
+        log(f"docs: input {entry['input']} {entry['path']}: {entry['num_docs_out']} of {entry['num_docs_in']} kept")
+    return manifest
+
+
+def run_docs_task(data: DataConfig, share: TaskShare, log) -> dict:
+    """One Slurm array task: its share of the units, no merge (the merge job runs `t5ja prep`)."""
+    plan = plan_units(data)
+    wall_s = run_docs_units(data, plan, share, log)
+    owned = [u for u in plan.units if share.owns(u)]
+    log(f"docs: task {share.index} of {share.count}: {len(owned)} unit(s) done in {wall_s:.1f} s")
+    return {"task": share.index, "num_tasks": share.count, "units": len(owned)}
+
+
+def remove_work_dir(work_dir: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if work_dir.parent.is_dir() and not any(work_dir.parent.iterdir()):
+        work_dir.parent.rmdir()
+
+
+def run_prep(data: DataConfig, tokenizer: TokenizerConfig, pack_length: int, log=print,
+             task_index: int | None = None, num_tasks: int | None = None) -> dict:
+    """Run docs -> tokenizer -> tokens under `data.output_dir`; returns counts per stage.
+
+    With a task index (or inside a Slurm array), run only that task's share of the docs units.
+    """
     check_inputs(data, pack_length)
+    share = TaskShare.from_env(task_index, num_tasks)
+    if share.count > 1:
+        return run_docs_task(data, share, log)
     docs_dir, tok_dir = layout.docs_dir(data.output_dir), layout.tokenizer_dir(data.output_dir)
     docs, docs_skipped = run_stage(
-        docs_dir, get_docs_params(data), lambda tmp: build_docs(data, tmp, log), False, log
+        docs_dir, get_docs_params(data), lambda tmp: build_docs(data, plan_units(data), tmp, log), False, log
     )
+    remove_work_dir(layout.docs_work_dir(data.output_dir))  # docs/ holds it all now
     tok, tok_skipped = run_stage(
         tok_dir, tokenizer.model_dump(), lambda tmp: build_tokenizer(docs_dir, tokenizer, tmp, log),
         not docs_skipped, log,

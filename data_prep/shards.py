@@ -39,8 +39,10 @@ class ShardWriter:
         self._sink: pa.OSFile | None = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._rows = 0
+        self._origins: set = set()
 
-    def write(self, batch: pa.RecordBatch) -> None:
+    def write(self, batch: pa.RecordBatch, origin: Any = None) -> None:
+        """Append rows; `origin` (e.g. an input index) is listed in the manifest of every shard the rows land in."""
         start = 0
         row_bytes = max(batch.nbytes / max(batch.num_rows, 1), 1.0)
         while start < batch.num_rows:
@@ -53,6 +55,8 @@ class ShardWriter:
             take = rows_left if rows_left < rows_to_fill else max(1, rows_to_fill // 2)
             self._writer.write_batch(batch.slice(start, take))
             self._rows += take
+            if origin is not None:
+                self._origins.add(origin)
             start += take
             if self._sink.tell() >= self.shard_bytes:
                 self._close()
@@ -68,14 +72,16 @@ class ShardWriter:
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, self.schema)
         self._rows = 0
+        self._origins = set()
 
     def _close(self) -> None:
         self._writer.close()
         self._sink.close()
         path = self.out_dir / f"shard-{len(self.shards):05d}.arrow"
-        self.shards.append(
-            {"file": path.name, "rows": self._rows, "bytes": path.stat().st_size, "sha256": get_sha256(path)}
-        )
+        entry = {"file": path.name, "rows": self._rows, "bytes": path.stat().st_size, "sha256": get_sha256(path)}
+        if self._origins:
+            entry["inputs"] = sorted(self._origins)
+        self.shards.append(entry)
         self._writer = self._sink = None
 
 

@@ -13,21 +13,66 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import sentencepiece as spm
 
 from data_prep.config import TokenizerConfig
-from data_prep.shards import get_sha256, iter_batches, list_shards, write_json
+from data_prep.shards import get_sha256, list_shards, write_json
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 SPIECE_FILE = "spiece.model"
+# Input formats whose documents seed the tokenizer sample by default (clean, encyclopedic text).
+WIKIPEDIA_FORMATS = {"wikipedia_xml", "wikiextractor"}
 
 
-def iter_doc_lines(docs_dir: Path) -> Iterator[str]:
-    """Non-empty lines of every document, in shard order."""
+def iter_doc_batches(docs_dir: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """`columns` of the docs shards, one record batch at a time, in shard order.
+
+    Read, not memory-mapped: the mapped pages of a shard count toward RSS until the shard is
+    closed, so the peak would grow with the shard (up to data.shard_bytes); read batches are
+    freed as soon as they are consumed.
+    """
     for shard in list_shards(docs_dir):
-        for batch in iter_batches(shard):
-            for text in batch.column("text").to_pylist():
-                yield from (line for line in text.split("\n") if line)
+        with pa.OSFile(str(shard)) as source:
+            for batch in pa.ipc.open_stream(source):
+                yield batch.select(columns)
+
+
+def iter_doc_lines(docs_dir: Path, sources: list[str] | None = None) -> Iterator[str]:
+    """Non-empty lines of every document (of `sources` only, if given), in shard order."""
+    wanted = None if sources is None else pa.array(sources, type=pa.string())
+    for batch in iter_doc_batches(docs_dir, ["source", "text"]):
+        texts = batch.column("text")
+        if wanted is not None:
+            texts = texts.filter(pc.is_in(batch.column("source"), value_set=wanted))
+        for text in texts.to_pylist():
+            yield from (line for line in text.split("\n") if line)
+
+
+def get_sample_sources(docs_dir: Path, requested: list[str] | None) -> list[str] | None:
+    """Sources the training sample is drawn from; None: all of them.
+
+    `requested` (tokenizer.sample_sources) if given, else the sources of the Wikipedia inputs
+    (the seed corpus), else all. Reads `inputs[].sources` and the detected `inputs[].format`
+    of docs/manifest.json.
+    """
+    inputs = json.loads((docs_dir / "manifest.json").read_text(encoding="utf-8"))["inputs"]
+    available = sorted({source for entry in inputs for source in entry["sources"]})
+    if requested is not None:
+        unknown = [source for source in requested if source not in available]
+        if unknown or not requested:
+            raise ValueError(
+                f"tokenizer.sample_sources: unknown source(s) {unknown or requested}; the docs stage has {available}"
+            )
+        return sorted(set(requested))
+    # "a,b": an input whose files were detected as several formats; Wikipedia only if all are.
+    wikipedia = {
+        source for entry in inputs
+        if set(entry.get("format", "").split(",")) <= WIKIPEDIA_FORMATS
+        for source in entry["sources"]
+    }
+    return sorted(wikipedia) or None
 
 
 def sample_lines(lines: Iterable[str], max_lines: int, seed: int) -> list[str]:
@@ -118,6 +163,15 @@ def load_tokenizer(tokenizer_dir: str | Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
+def get_hf_vocab_size(tokenizer_dir: Path) -> int:
+    """Tokens of the directory's tokenizer.json, which AutoTokenizer loads verbatim (see
+    export_hf_tokenizer). Read with `tokenizers` alone: importing transformers (and torch)
+    would cost seconds, the whole tokenizer stage when it only copies `tokenizer.path`."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
 def check_special_ids(spiece_path: Path) -> int:
     """Number of pieces; raises ValueError unless pad/eos/unk/bos follow the T5 layout."""
     sp = spm.SentencePieceProcessor(model_file=str(spiece_path))
@@ -132,7 +186,7 @@ def check_special_ids(spiece_path: Path) -> int:
 def write_tokenizer_manifest(out_dir: Path, num_sentinels: int) -> dict:
     spiece_path = out_dir / SPIECE_FILE
     num_pieces = check_special_ids(spiece_path)
-    vocab_size = len(load_tokenizer(out_dir))
+    vocab_size = get_hf_vocab_size(out_dir)
     if vocab_size != num_pieces + num_sentinels:
         raise ValueError(
             f"{out_dir}: Hugging Face tokenizer has {vocab_size} tokens, expected {num_pieces} pieces "
@@ -151,10 +205,15 @@ def build_tokenizer(docs_dir: Path, cfg: TokenizerConfig, out_dir: Path, log=pri
     if cfg.path:
         copy_existing_tokenizer(Path(cfg.path), out_dir)
     else:
-        lines = sample_lines(iter_doc_lines(docs_dir), cfg.sample_sentences, cfg.seed)
+        sources = get_sample_sources(docs_dir, cfg.sample_sources)
+        lines = sample_lines(iter_doc_lines(docs_dir, sources), cfg.sample_sentences, cfg.seed)
         if not lines:
-            raise ValueError(f"no text to train the tokenizer on: {docs_dir} kept no documents (see its manifest.json)")
-        log(f"tokenizer: training {cfg.model_type} vocab {cfg.vocab_size} on {len(lines)} lines")
+            raise ValueError(
+                f"no text to train the tokenizer on: {docs_dir} kept no documents of sources "
+                f"{sources or 'any'} (see its manifest.json)"
+            )
+        log(f"tokenizer: training {cfg.model_type} vocab {cfg.vocab_size} on {len(lines)} lines "
+            f"sampled from {'sources ' + ', '.join(sources) if sources else 'all sources'}")
         train_sentencepiece(lines, cfg, out_dir / SPIECE_FILE)
     if not (out_dir / "tokenizer.json").exists():
         export_hf_tokenizer(out_dir / SPIECE_FILE, cfg.num_sentinels, out_dir)

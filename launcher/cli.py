@@ -1,5 +1,5 @@
-"""`t5ja`: the command line. Exit codes: 0 done, 2 bad job file or arguments, otherwise the
-failing stage's own code (torchrun's for training)."""
+"""`t5ja`: the command line. Exit codes: 0 done, 1 unreadable input data, 2 bad job file or
+arguments, otherwise the failing stage's own code (torchrun's for training)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from launcher.job import ConfigError, load_job
 
 EXIT_CONFIG = 2
+EXIT_DATA = 1  # an input could not be read, or too many of its records were rejected
 
 OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. train.lr=1e-4 launcher.nproc_per_node=2"
 
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run the data-prep stages of JOB (finished stages are skipped).")
     prep.add_argument("job", help="job YAML file")
     prep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    prep.add_argument("--task-index", type=int, default=None,
+                      help="run only this share of the docs units (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
+    prep.add_argument("--num-tasks", type=int, default=None,
+                      help="number of shares (default: $SLURM_ARRAY_TASK_COUNT); a later plain `t5ja prep` merges")
+    prep.add_argument("--workers", type=int, default=None, help="worker processes (overrides data.num_workers)")
 
     train = sub.add_parser("train", help="write the run directory and launch training under torchrun",
                            description="Validate JOB, write RUN_DIR (config.json, ds_config.json, command.sh) and "
@@ -52,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prep(args) -> int:
     from data_prep.pipeline import run_prep
 
-    job = load_job(args.job, args.overrides)
-    run_prep(job.data, job.tokenizer, pack_length=job.pack_length)
+    overrides = list(args.overrides) + ([f"data.num_workers={args.workers}"] if args.workers is not None else [])
+    job = load_job(args.job, overrides)
+    run_prep(job.data, job.tokenizer, pack_length=job.pack_length, task_index=args.task_index,
+             num_tasks=args.num_tasks)
     return 0
 
 
@@ -99,12 +107,17 @@ COMMANDS = {"prep": cmd_prep, "train": cmd_train, "quickstart": cmd_quickstart, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_prep.errors import PrepError
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except PrepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DATA
 
 
 if __name__ == "__main__":

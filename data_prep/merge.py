@@ -1,0 +1,139 @@
+"""The docs stage's merge: corpus-wide dedup over all units, resharding, manifest, rejects.
+
+Runs once every unit is done (locally, or as the job that depends on a Slurm array). Units
+are visited in their canonical order, so the kept copy of a duplicate is the same whatever
+the number of workers or tasks that produced the units.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_prep.config import DataConfig
+from data_prep.dedup import NearDuplicateIndex, find_exact_duplicates, load_signatures
+from data_prep.documents import DOCS_SCHEMA
+from data_prep.errors import RejectedShareExceeded
+from data_prep.shards import ShardWriter, write_json
+from data_prep.units import Unit
+
+STAT_KEYS = ("num_docs_in", "num_docs_out", "text_bytes_in", "text_bytes_out", "num_rejected", "num_bad_byte_lines")
+
+
+def load_unit_stats(work_dir: Path, units: list[Unit]) -> list[dict]:
+    return [json.loads((work_dir / u.name / "stats.json").read_text()) for u in units]
+
+
+def get_drop_masks(work_dir: Path, units: list[Unit], stats: list[dict], data: DataConfig) -> tuple[list, list]:
+    """Per unit: (exact-duplicate mask, near-duplicate mask), True = drop."""
+    rows = [s["num_docs_out"] for s in stats]
+    if data.dedup.exact:
+        exact = find_exact_duplicates([work_dir / u.name / "hashes.npy" for u in units], rows)
+    else:
+        exact = [np.zeros(n, dtype=bool) for n in rows]
+    near = [np.zeros(n, dtype=bool) for n in rows]
+    if data.dedup.near:
+        index = NearDuplicateIndex(data.dedup.near_threshold, data.dedup.num_perm)
+        for unit, unit_exact, unit_near in zip(units, exact, near):
+            signatures = load_signatures(work_dir / unit.name / "minhash.npy")
+            for row in np.flatnonzero(~unit_exact):
+                unit_near[row] = index.is_duplicate_or_add(f"{unit.index}:{row}", signatures[row])
+    return exact, near
+
+
+def write_docs(work_dir: Path, units: list[Unit], keep: list[np.ndarray], out_dir: Path, shard_bytes: int) -> list:
+    writer = ShardWriter(out_dir, DOCS_SCHEMA, shard_bytes)
+    for unit, unit_keep in zip(units, keep):
+        table = pa.ipc.open_stream(pa.memory_map(str(work_dir / unit.name / "docs.arrow"))).read_all()
+        offset = 0
+        for batch in table.to_batches():
+            mask = pa.array(unit_keep[offset:offset + batch.num_rows])
+            offset += batch.num_rows
+            writer.write(batch.filter(mask), origin=unit.input_index)
+    return writer.close()
+
+
+def merge_rejects(work_dir: Path, units: list[Unit], out_path: Path) -> None:
+    with open(out_path, "wb") as out:
+        for unit in units:
+            with open(work_dir / unit.name / "rejects.jsonl", "rb") as f:
+                shutil.copyfileobj(f, out)
+
+
+def summarize_inputs(data: DataConfig, formats: dict, units: list[Unit], stats: list[dict], exact: list,
+                     near: list) -> list[dict]:
+    inputs = [{"input": i, "path": spec.path, "format": _format_of(spec.format, formats.get(i, [])),
+               "sources": set(), "files": set(), **{k: 0 for k in STAT_KEYS}, "dropped": Counter()}
+              for i, spec in enumerate(data.inputs)]
+    for unit, unit_stats, unit_exact, unit_near in zip(units, stats, exact, near):
+        entry = inputs[unit.input_index]
+        entry["files"].add(unit.path)
+        entry["sources"].add(unit.source)
+        for key in STAT_KEYS:
+            entry[key] += unit_stats[key]
+        entry["dropped"].update(unit_stats["dropped"])
+        entry["dropped"]["duplicate"] += int(unit_exact.sum())
+        entry["dropped"]["near_duplicate"] += int(unit_near.sum())
+        entry["num_docs_out"] -= int(unit_exact.sum() + unit_near.sum())
+    return [_finish_entry(entry) for entry in inputs]
+
+
+def _format_of(declared: str, detected: list[str]) -> str:
+    if declared != "auto":
+        return declared
+    kinds = sorted(set(detected))
+    return kinds[0] if len(kinds) == 1 else ",".join(kinds) or "auto"
+
+
+def _finish_entry(entry: dict) -> dict:
+    entry["files"] = sorted(entry["files"])
+    entry["sources"] = sorted(entry["sources"])
+    entry["dropped"] = dict(sorted(entry["dropped"].items()))
+    records = entry["num_docs_in"] + entry["num_rejected"]
+    entry["rejected_share"] = entry["num_rejected"] / records if records else 0.0
+    return entry
+
+
+def get_totals(inputs: list[dict], shards: list[dict]) -> dict:
+    totals = {key: sum(entry[key] for entry in inputs) for key in STAT_KEYS}
+    dropped: Counter = Counter()
+    for entry in inputs:
+        dropped.update(entry["dropped"])
+    totals["dropped"] = dict(sorted(dropped.items()))
+    totals.update(num_shards=len(shards), shard_bytes=sum(s["bytes"] for s in shards),
+                  num_rows=sum(s["rows"] for s in shards))
+    return totals
+
+
+def check_rejected_share(inputs: list[dict], max_share: float) -> None:
+    bad = [e for e in inputs if e["rejected_share"] > max_share]
+    if bad:
+        lines = [f"input {e['input']} ({e['path']}): {e['num_rejected']} of {e['num_docs_in'] + e['num_rejected']} "
+                 f"records rejected ({e['rejected_share']:.1%} > data.max_rejected_share {max_share:.1%}); "
+                 "see rejects.jsonl" for e in bad]
+        raise RejectedShareExceeded("\n".join(lines))
+
+
+def merge_units(work_dir: Path, units: list[Unit], formats: dict, data: DataConfig, out_dir: Path,
+                units_wall_s: float) -> dict:
+    """Build the final docs/ contents in `out_dir` from finished units; returns the manifest."""
+    start = time.perf_counter()
+    stats = load_unit_stats(work_dir, units)
+    exact, near = get_drop_masks(work_dir, units, stats, data)
+    inputs = summarize_inputs(data, formats, units, stats, exact, near)
+    merge_rejects(work_dir, units, out_dir / "rejects.jsonl")
+    check_rejected_share(inputs, data.max_rejected_share)
+    shards = write_docs(work_dir, units, [~(e | n) for e, n in zip(exact, near)], out_dir, data.shard_bytes)
+    totals = get_totals(inputs, shards)
+    merge_s = time.perf_counter() - start
+    totals.update(units_wall_s=round(units_wall_s, 3), merge_wall_s=round(merge_s, 3),
+                  throughput_mb_s=round(totals["text_bytes_in"] / 1e6 / max(units_wall_s + merge_s, 1e-9), 3))
+    manifest = {"schema": DOCS_SCHEMA.names, "shards": shards, "inputs": inputs,
+                "units": len(units), "totals": totals}
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

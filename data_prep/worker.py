@@ -1,0 +1,174 @@
+"""One unit of the docs stage: read -> normalise -> filter -> hash, into the unit's own directory.
+
+A unit writes into `u-NNNNNN.tmp-<pid>/` and renames it to `u-NNNNNN/` when complete, so a
+unit directory that exists is finished (that is its completion marker) and a worker killed
+at any moment leaves at most a `.tmp-*` directory that the next run deletes.
+
+    u-NNNNNN/docs.arrow      cleaned documents that passed the filters (DOCS_SCHEMA)
+    u-NNNNNN/hashes.npy      their 16-byte text hashes, sorted, with row numbers (dedup.write_hashes)
+    u-NNNNNN/minhash.npy     MinHash signatures, when near-dup removal is on
+    u-NNNNNN/rejects.jsonl   every record that could not be read, with file:line or byte offset
+    u-NNNNNN/stats.json      counts in/out, bytes, drops by reason, wall time
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from data_prep.clean import build_normalizer
+from data_prep.config import DataConfig
+from data_prep.dedup import minhash_signature, text_hash, write_hashes, write_signatures
+from data_prep.documents import DOCS_SCHEMA, DocBuffer
+from data_prep.filters import build_filters
+from data_prep.readers import RawDoc, Reject, read_split
+from data_prep.units import Unit
+
+BATCH_ROWS = 1000
+
+
+class UnitError(Exception):
+    """A unit whose input could not be read at all (missing, unreadable, not the format)."""
+
+
+@dataclass
+class UnitStats:
+    unit: int
+    input: int
+    file: str
+    format: str
+    num_docs_in: int = 0
+    num_docs_out: int = 0
+    text_bytes_in: int = 0
+    text_bytes_out: int = 0
+    num_rejected: int = 0
+    num_bad_byte_lines: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    wall_s: float = 0.0
+
+
+class UnitWriter:
+    """Everything one unit writes, in its temporary directory."""
+
+    def __init__(self, tmp_dir: Path, near: bool):
+        self.tmp_dir = tmp_dir
+        self._sink = pa.OSFile(str(tmp_dir / "docs.arrow"), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, DOCS_SCHEMA)
+        self.rejects = open(tmp_dir / "rejects.jsonl", "w", encoding="utf-8")
+        self.buffer = DocBuffer()
+        self.hashes: list[bytes] = []  # 16 bytes per kept document: bounded by the unit's size
+        self.signatures: list | None = [] if near else None
+
+    def add_reject(self, unit: Unit, reject: Reject) -> None:
+        record = {"input": unit.input_index, "unit": unit.index, "where": reject.where, "reason": reject.reason}
+        self.rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        if len(self.buffer):
+            self._writer.write_batch(self.buffer.take())
+
+    def close(self, stats: UnitStats) -> None:
+        self.flush()
+        self._writer.close()
+        self._sink.close()
+        self.rejects.close()
+        write_hashes(self.tmp_dir / "hashes.npy", self.hashes)
+        if self.signatures is not None:
+            write_signatures(self.tmp_dir / "minhash.npy", self.signatures)
+        stats_json = {**stats.__dict__, "dropped": dict(stats.dropped)}
+        (self.tmp_dir / "stats.json").write_text(json.dumps(stats_json, ensure_ascii=False, indent=1) + "\n")
+
+
+class UnitProcessor:
+    """Cleans, filters and hashes the documents of units; one per worker process."""
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+        self.normalize = build_normalizer(data.clean)
+        self.filters = build_filters(data.filters)
+
+    def run(self, unit: Unit, work_dir: Path) -> UnitStats:
+        start = time.perf_counter()
+        final_dir = work_dir / unit.name
+        tmp_dir = work_dir / f"{unit.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        stats = UnitStats(unit.index, unit.input_index, unit.path, unit.format)
+        writer = UnitWriter(tmp_dir, self.data.dedup.near)
+        self._read_all(unit, writer, stats)
+        stats.wall_s = time.perf_counter() - start
+        writer.close(stats)
+        _publish(tmp_dir, final_dir)
+        return stats
+
+    def _read_all(self, unit: Unit, writer: UnitWriter, stats: UnitStats) -> None:
+        records = read_split(Path(unit.path), unit.format, unit.start, unit.end,
+                             text_field=self.data.inputs[unit.input_index].text_field,
+                             max_line_bytes=self.data.max_line_bytes)
+        try:
+            for item in records:
+                if isinstance(item, Reject):
+                    stats.num_rejected += 1
+                    writer.add_reject(unit, item)
+                else:
+                    self._add_doc(unit, item, writer, stats)
+                    if len(writer.buffer) >= BATCH_ROWS:
+                        writer.flush()
+        except (OSError, ValueError, EOFError) as err:
+            # Readers turn bad records into rejects; what reaches here stops the whole unit.
+            shutil.rmtree(writer.tmp_dir, ignore_errors=True)
+            raise UnitError(f"{unit.path}: cannot be read as {unit.format}: {type(err).__name__}: {err}") from err
+
+    def _add_doc(self, unit: Unit, raw: RawDoc, writer: UnitWriter, stats: UnitStats) -> None:
+        stats.num_docs_in += 1
+        stats.num_bad_byte_lines += raw.num_bad_byte_lines
+        stats.text_bytes_in += len(raw.text.encode("utf-8"))
+        text = self.normalize(raw.text)
+        meta = raw.meta or {}
+        for doc_filter in self.filters:
+            if not doc_filter.keep(text, meta):
+                stats.dropped[doc_filter.reason] += 1
+                return
+        local_id = raw.doc_id if raw.doc_id is not None else f"{unit.index:06d}-{stats.num_docs_out:07d}"
+        writer.buffer.add(f"{unit.source}:{local_id}", unit.source, raw, text)
+        writer.hashes.append(text_hash(text))
+        if writer.signatures is not None:
+            dedup = self.data.dedup
+            writer.signatures.append(minhash_signature(text, dedup.num_perm, dedup.shingle_chars))
+        stats.num_docs_out += 1
+        stats.text_bytes_out += len(text.encode("utf-8"))
+
+
+def _publish(tmp_dir: Path, final_dir: Path) -> None:
+    """Atomic: the unit is visible complete or not at all. Another task may have finished the
+    same unit meanwhile (both outputs are identical); then ours is dropped."""
+    try:
+        tmp_dir.rename(final_dir)
+    except OSError:
+        if not final_dir.is_dir():
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+# Worker processes build their processor once (the normaliser and filters are not free to set up).
+_PROCESSOR: UnitProcessor | None = None
+
+
+def init_worker(data_json: str) -> None:
+    global _PROCESSOR
+    _PROCESSOR = UnitProcessor(DataConfig.model_validate_json(data_json))
+
+
+def run_unit(unit: Unit, work_dir: str) -> dict:
+    """Pool entry point: the unit's stats, or {"error": ...} for an unreadable input."""
+    try:
+        stats = _PROCESSOR.run(unit, Path(work_dir))
+    except UnitError as err:
+        return {"unit": unit.index, "input": unit.input_index, "error": str(err)}
+    return {**stats.__dict__, "dropped": dict(stats.dropped)}

@@ -1,0 +1,117 @@
+"""Text normalisers (data_prep/clean.py) and document filters (data_prep/filters.py): pure logic, fast."""
+from __future__ import annotations
+
+import pytest
+
+from data_prep.clean import build_normalizer, clean_text
+from data_prep.config import CleanConfig, FilterConfig
+from data_prep.filters import (
+    JapaneseRatio, MaxChars, MinChars, OscarQualityWarnings, RepeatedLines, build_filters, get_japanese_ratio,
+)
+
+
+def normalize(mode: str, text: str) -> str:
+    return build_normalizer(CleanConfig(normalize=mode))(text)
+
+
+# --- normalisers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("ｱｲｳ", "アイウ"),  # half-width katakana
+    ("ﾊﾟｿｺﾝ", "パソコン"),  # half-width voiced marks fold into one character
+    ("ＡＢＣ１２３", "ABC123"),  # full-width ASCII
+    ("ｽｰﾊﾟｰｰｰ", "スーパー"),  # half-width long vowel marks, repeats collapsed
+    ("うまーーーい", "うまーい"),
+    ("チョコレート〜〜", "チョコレート"),  # tildes removed
+    ("アイ ウエ　オ", "アイウエオ"),  # spaces (incl. U+3000) between Japanese characters removed
+    ("Hello  World", "Hello World"),  # between Latin words one space stays
+])
+def test_neologdn_folds(raw, expected):
+    assert normalize("neologdn", raw) == expected
+
+
+def test_neologdn_keeps_line_structure():
+    raw = "　吾輩は 猫である。\n\n\n名前は　まだ無い。 \n  \t \nｶﾀｶﾅ\tと\tﾀﾌﾞ"
+    assert normalize("neologdn", raw) == "吾輩は猫である。\n名前はまだ無い。\nカタカナとタブ"
+
+
+def test_neologdn_mode_treats_tabs_and_nbsp_as_spaces():
+    # neologdn alone keeps tabs and NBSP, even between Japanese characters.
+    assert normalize("neologdn", "a\u00a0\u00a0b\u2003c") == "a b c"
+    assert normalize("neologdn", "猫\u00a0と\t犬") == "猫と犬"
+
+
+def test_nfkc_mode_is_clean_text():
+    raw = "　ｱｲｳ  ＡＢＣ\n\n ①ー ー \n"
+    assert normalize("nfkc", raw) == clean_text(raw) == "アイウ ABC\n1ー ー"
+
+
+def test_none_mode_only_cleans_whitespace():
+    assert normalize("none", "  ｱｲｳ \t ＡＢＣ \n\n\u3000x\n") == "ｱｲｳ ＡＢＣ\nx"
+
+
+# --- filters ---------------------------------------------------------------------------
+
+
+def test_min_chars_boundary_and_empty():
+    f = MinChars(3)
+    assert (f.keep("abc", {}), f.keep("ab", {})) == (True, False)
+    assert not MinChars(0).keep("", {})  # an empty document is never kept
+    assert MinChars(0).keep("a", {})
+    assert f.reason == "too_short"
+
+
+def test_max_chars_boundary():
+    f = MaxChars(3)
+    assert (f.keep("abc", {}), f.keep("abcd", {})) == (True, False)
+    assert f.reason == "too_long"
+
+
+def test_japanese_ratio_counts_kana_kanji_and_marks():
+    assert get_japanese_ratio("ひらカタ漢字々〆ヶー") == 1.0
+    assert get_japanese_ratio("猫 cat\n犬 dog") == pytest.approx(2 / 8)  # whitespace not counted
+    assert get_japanese_ratio("・。、「」") == 0.0  # punctuation is not kana
+    assert get_japanese_ratio(" \n ") == 0.0
+
+
+def test_japanese_ratio_boundary():
+    f = JapaneseRatio(0.5)
+    assert f.keep("猫猫ab", {}) and not f.keep("猫abc", {})
+    assert f.reason == "not_japanese"
+
+
+def test_repeated_lines_boundary():
+    f = RepeatedLines(0.25)
+    # 1 of 4 lines repeats an earlier one: exactly at the bound, kept.
+    assert f.keep("menu\n本文一\nmenu\n本文二", {})
+    # 2 of 4 lines repeat (the first copy is not counted).
+    assert not f.keep("menu\nmenu\nmenu\n本文", {})
+    assert RepeatedLines(0.0).keep("a\nb\nc", {})
+    assert f.reason == "boilerplate"
+
+
+def test_oscar_quality_warnings():
+    f = OscarQualityWarnings({"tiny", "noisy"})
+    assert f.keep("t", {}) and f.keep("t", {"quality_warnings": None}) and f.keep("t", {"quality_warnings": ["header"]})
+    assert not f.keep("t", {"quality_warnings": ["header", "noisy"]})
+    assert f.reason == "quality_warning"
+
+
+def test_build_filters_default_is_min_chars_only():
+    assert [type(f) for f in build_filters(FilterConfig())] == [MinChars]
+
+
+def test_build_filters_all_enabled_cheapest_first():
+    cfg = FilterConfig(
+        min_chars=5, max_chars=100, min_japanese_ratio=0.5, max_repeated_line_ratio=0.3, oscar_drop_warnings=["tiny"]
+    )
+    filters = build_filters(cfg)
+    assert [type(f) for f in filters] == [MinChars, MaxChars, OscarQualityWarnings, RepeatedLines, JapaneseRatio]
+    assert [f.reason for f in filters] == ["too_short", "too_long", "quality_warning", "boilerplate", "not_japanese"]
+
+
+def test_first_rejecting_filter_is_the_reason():
+    filters = build_filters(FilterConfig(min_chars=5, min_japanese_ratio=0.5))
+    reasons = [next((f.reason for f in filters if not f.keep(text, {})), None) for text in ("abc", "abcdef", "吾輩は猫")]
+    assert reasons == ["too_short", "not_japanese", "too_short"]
