@@ -5,7 +5,7 @@ import glob
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 # "auto" detects the format from the file name and its first record (readers.detect_format).
@@ -101,6 +101,14 @@ class DataConfig(BaseModel):
         if isinstance(value, list):
             return [{"path": item} if isinstance(item, str) else item for item in value]
         return value
+
+    @model_validator(mode="after")
+    def _units_hold_a_line(self) -> "DataConfig":
+        # A split re-aligns to a record start by looking back up to max_line_bytes: with
+        # units smaller than that, the look-back would cost more than the unit's own work.
+        if self.unit_bytes < self.max_line_bytes:
+            raise ValueError(f"unit_bytes ({self.unit_bytes}) must be at least max_line_bytes ({self.max_line_bytes})")
+        return self
 
     def find_problems(self) -> list[tuple[str, str]]:
         """(yaml_path, message) for every input whose path or glob matches no file."""

@@ -326,13 +326,13 @@ def open_split(path: Path, fmt: str, start: int, end: int | None, max_line_bytes
     if start == 0:
         return Split(path, start, end, f, 0)
     if fmt != "wikipedia_xml":
-        return Split(path, start, end, f, seek_line_before(f, start, max_line_bytes))
+        return Split(path, start, end, f, seek_line_before(f, start, end, max_line_bytes))
     f.seek(start - 1)  # pages are found by their "<page>" tag, wherever the reading starts
     partial = f.read(1) != b"\n"
     return Split(path, start, end, f, start, first_line_partial=partial)
 
 
-def seek_line_before(f: BinaryIO, start: int, max_line_bytes: int) -> int:
+def seek_line_before(f: BinaryIO, start: int, end: int | None, max_line_bytes: int) -> int:
     """Position `f` at the start of the line holding byte start-1; return that offset.
 
     The split's reader needs the line before its first one: in paragraph formats a document starts
@@ -343,7 +343,8 @@ def seek_line_before(f: BinaryIO, start: int, max_line_bytes: int) -> int:
         f.seek(line_start)
         return line_start
     f.seek(start - 1)
-    return start - 1 + discard_rest_of_line(f)
+    # A split inside one huge line holds no record start: never read past its end for it.
+    return start - 1 + discard_rest_of_line(f, None if end is None else end - start + 1)
 
 
 def find_line_start(f: BinaryIO, pos: int, limit: int) -> int | None:
@@ -359,10 +360,15 @@ def find_line_start(f: BinaryIO, pos: int, limit: int) -> int | None:
     return 0 if hi == 0 else None
 
 
-def discard_rest_of_line(f: BinaryIO) -> int:
-    """Read up to and including the next newline in bounded chunks; return the bytes read."""
+def discard_rest_of_line(f: BinaryIO, limit: int | None = None) -> int:
+    """Read up to and including the next newline in bounded chunks, or `limit` bytes at most;
+    return the bytes read."""
     num_bytes = 0
-    while chunk := f.readline(_SCAN_BYTES):
+    while limit is None or num_bytes < limit:
+        size = _SCAN_BYTES if limit is None else min(_SCAN_BYTES, limit - num_bytes)
+        chunk = f.readline(size)
+        if not chunk:
+            break
         num_bytes += len(chunk)
         if chunk.endswith(b"\n"):
             break

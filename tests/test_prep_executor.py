@@ -40,7 +40,7 @@ def write_corpus(tmp: Path) -> list[Path]:
 def data_config(inputs: list[Path], out: Path, **kw) -> DataConfig:
     # ~20 KB units: each file splits into several byte-range units.
     return DataConfig(inputs=[{"path": str(p), "format": "text"} for p in inputs], output_dir=str(out),
-                      unit_bytes=20_000, shard_bytes=100_000, **kw)
+                      unit_bytes=20_000, max_line_bytes=10_000, shard_bytes=100_000, **kw)
 
 
 def tokenizer_config() -> TokenizerConfig:

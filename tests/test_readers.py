@@ -471,3 +471,18 @@ def test_over_long_line_of_an_xml_dump_is_reported_once_whatever_the_splits(tmp_
     for unit_bytes in (1, 100, 999, 1500):
         items, _ = read_in_splits(path, "wikipedia_xml", unit_bytes, max_line_bytes=2000)
         assert [(type(i), i.where) for i in items] == [(type(i), i.where) for i in whole]
+
+
+@pytest.mark.parametrize("cut", ["mid_page", "between_pages", "before_end_tag"])
+def test_cut_xml_dump_is_reported_once_whatever_the_splits(tmp_path, cut):
+    path = tmp_path / "w.xml"
+    write_wiki_xml(path, build_wiki_pages(3))
+    data = path.read_bytes()
+    size = {"mid_page": data.rindex(b"<text") + 20, "between_pages": data.rindex(b"  <page>"),
+            "before_end_tag": data.rindex(b"</mediawiki>")}[cut]
+    path.write_bytes(data[:size])
+    whole = list(read_split(path, "wikipedia_xml"))
+    assert len(rejects_of(whole)) == 1 and isinstance(whole[-1], Reject)
+    for unit_bytes in (5, 64, 1000):
+        items, _ = read_in_splits(path, "wikipedia_xml", unit_bytes)
+        assert content(items) == content(whole)
