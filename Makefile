@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast clean
+.PHONY: setup quickstart test test-fast bench-prep clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ test: setup
 # Pure-logic tests only (seconds): no torchrun, no DeepSpeed engine.
 test-fast: setup
 	$(PY) -m pytest -ra -m "not multiproc and not service"
+
+# Data-prep throughput vs Hugging Face datasets and the raw SentencePiece ceiling (minutes).
+# BENCH_ARGS="--normalize none" measures the same work as the baseline (no cleaning).
+BENCH_ARGS ?=
+bench-prep: setup
+	$(PY) bench/data_prep.py --rss-check $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

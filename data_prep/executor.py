@@ -47,9 +47,10 @@ class TaskShare:
         return share
 
 
-def prepare_work_dir(work_dir: Path, data: DataConfig, units: list[Unit], task_mode: bool, log) -> None:
+def prepare_work_dir(work_dir: Path, data: DataConfig, units: list[Unit], task_mode: bool, log,
+                     spiece_path: Path | None = None) -> None:
     """Keep finished units if the plan is unchanged; otherwise start the work directory over."""
-    params = get_plan_params(data)
+    params = get_plan_params(data, spiece_path)
     digest = get_params_digest(params)
     plan_file = work_dir / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text())["digest"] != digest:
@@ -74,14 +75,15 @@ def get_num_workers(data: DataConfig) -> int:
     return data.num_workers or os.cpu_count() or 1
 
 
-def run_units(units: list[Unit], data: DataConfig, work_dir: Path, share: TaskShare, log) -> list[dict]:
+def run_units(units: list[Unit], data: DataConfig, work_dir: Path, share: TaskShare, log,
+              spiece_path: Path | None = None) -> list[dict]:
     """Run this task's unfinished units; returns their errors (unreadable inputs), if any."""
     pending = [u for u in units if share.owns(u) and not is_done(work_dir, u)]
     done_before = sum(1 for u in units if share.owns(u)) - len(pending)
     log(f"docs: {len(pending)} unit(s) to run, {done_before} already done, {get_num_workers(data)} worker(s)")
     progress = Progress(len(pending), log)
     errors = []
-    for result in _iter_results(pending, data, work_dir):
+    for result in _iter_results(pending, data, work_dir, spiece_path):
         if "error" in result:
             errors.append(result)
             log(f"docs: unit {result['unit']} failed: {result['error']}")
@@ -90,17 +92,18 @@ def run_units(units: list[Unit], data: DataConfig, work_dir: Path, share: TaskSh
     return errors
 
 
-def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path):
+def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_path: Path | None):
     data_json = data.model_dump_json()
+    spiece = str(spiece_path) if spiece_path else None
     workers = min(get_num_workers(data), max(1, len(pending)))
     if workers == 1:
-        init_worker(data_json)
+        init_worker(data_json, spiece)
         for unit in pending:
             yield run_unit(unit, str(work_dir))
         return
     # fork: workers start in milliseconds and inherit the imported modules.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(data_json,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(data_json, spiece)) as pool:
         futures = [pool.submit(run_unit, unit, str(work_dir)) for unit in pending]
         for future in as_completed(futures):
             yield future.result()

@@ -47,14 +47,18 @@ def get_drop_masks(work_dir: Path, units: list[Unit], stats: list[dict], data: D
 
 
 def write_docs(work_dir: Path, units: list[Unit], keep: list[np.ndarray], out_dir: Path, shard_bytes: int) -> list:
+    """Kept rows of every unit, in canonical order, into shards of `shard_bytes`. Each unit's
+    mask is also saved (keep.npy): the tokens stage packs pre-encoded units with it."""
     writer = ShardWriter(out_dir, DOCS_SCHEMA, shard_bytes)
     for unit, unit_keep in zip(units, keep):
-        table = pa.ipc.open_stream(pa.memory_map(str(work_dir / unit.name / "docs.arrow"))).read_all()
+        np.save(work_dir / unit.name / "keep.npy", unit_keep)
         offset = 0
-        for batch in table.to_batches():
-            mask = pa.array(unit_keep[offset:offset + batch.num_rows])
-            offset += batch.num_rows
-            writer.write(batch.filter(mask), origin=unit.input_index)
+        # Batch by batch from a plain file: memory stays one batch, whatever the unit's size.
+        with pa.OSFile(str(work_dir / unit.name / "docs.arrow")) as source:
+            for batch in pa.ipc.open_stream(source):
+                mask = pa.array(unit_keep[offset:offset + batch.num_rows])
+                offset += batch.num_rows
+                writer.write(batch.filter(mask), origin=unit.input_index)
     return writer.close()
 
 

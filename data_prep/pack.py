@@ -106,6 +106,57 @@ class WindowPacker:
         self.carry = tokens[num_full * self.pack_length :].copy()
 
 
+def iter_unit_token_chunks(unit_dir: Path, chunk_tokens: int = ENCODE_CHUNK_BYTES // 4) -> Iterator[np.ndarray]:
+    """Ids (with EOS) of a pre-encoded unit's kept documents, in order, about `chunk_tokens` at a time.
+
+    The unit's files hold every document that passed its filters; keep.npy (from the merge)
+    drops the duplicates. Read through a memory map in chunks: bounded memory per unit.
+    """
+    lengths = np.fromfile(unit_dir / "lengths.bin", dtype=np.int32)
+    keep = np.load(unit_dir / "keep.npy")
+    if len(keep) != len(lengths):
+        raise ValueError(f"{unit_dir}: {len(lengths)} encoded documents but {len(keep)} in the keep mask")
+    if not len(lengths):
+        return
+    tokens = np.memmap(unit_dir / "tokens.bin", dtype=np.int32, mode="r")
+    ends = np.cumsum(lengths, dtype=np.int64)
+    first = 0
+    while first < len(lengths):
+        last = int(np.searchsorted(ends, ends[first] - lengths[first] + chunk_tokens, side="right"))
+        last = max(last, first + 1)
+        begin = int(ends[first] - lengths[first])
+        chunk = np.asarray(tokens[begin:int(ends[last - 1])])
+        doc_keep = np.repeat(keep[first:last], lengths[first:last])
+        yield chunk[doc_keep]
+        first = last
+
+
+def pack_unit_tokens(unit_dirs: list[Path], pack_length: int, out_dir: Path, shard_bytes: int,
+                     vocab_size: int) -> dict:
+    """Like `pack_tokens`, from units the docs workers already encoded: the same windows."""
+    writer = ShardWriter(out_dir, build_tokens_schema(pack_length), shard_bytes)
+    packer = WindowPacker(writer, pack_length)
+    for unit_dir in unit_dirs:
+        for chunk in iter_unit_token_chunks(unit_dir):
+            packer.add(chunk)
+    return finish_manifest(packer, writer, pack_length, vocab_size, out_dir)
+
+
+def finish_manifest(packer: "WindowPacker", writer: ShardWriter, pack_length: int, vocab_size: int,
+                    out_dir: Path) -> dict:
+    manifest = {
+        "pack_length": pack_length,
+        "num_sequences": packer.num_sequences,
+        "num_tokens": packer.num_sequences * pack_length,
+        "dropped_tail_tokens": int(len(packer.carry)),
+        "eos_id": EOS_ID,
+        "vocab_size": vocab_size,
+        "shards": writer.close(),
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
 def pack_tokens(
     docs_dir: Path, spiece_path: Path, pack_length: int, out_dir: Path, shard_bytes: int, vocab_size: int,
     num_threads: int | None = None,
@@ -121,14 +172,4 @@ def pack_tokens(
     packer = WindowPacker(writer, pack_length)
     for texts in iter_text_chunks(docs_dir, ENCODE_CHUNK_BYTES):
         packer.add(encode_with_eos(sp, texts, num_threads))
-    manifest = {
-        "pack_length": pack_length,
-        "num_sequences": packer.num_sequences,
-        "num_tokens": packer.num_sequences * pack_length,
-        "dropped_tail_tokens": int(len(packer.carry)),
-        "eos_id": EOS_ID,
-        "vocab_size": vocab_size,
-        "shards": writer.close(),
-    }
-    write_json(out_dir / "manifest.json", manifest)
-    return manifest
+    return finish_manifest(packer, writer, pack_length, vocab_size, out_dir)

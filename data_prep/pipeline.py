@@ -18,7 +18,7 @@ from data_prep.config import DataConfig, TokenizerConfig
 from data_prep.errors import UnreadableInputs
 from data_prep.executor import TaskShare, prepare_work_dir, run_units
 from data_prep.merge import merge_units
-from data_prep.pack import pack_tokens
+from data_prep.pack import pack_tokens, pack_unit_tokens
 from data_prep.shards import write_json
 from data_prep.tokenizer import SPIECE_FILE, build_tokenizer
 from data_prep.units import Plan, get_plan_params, plan_units
@@ -48,9 +48,9 @@ def run_stage(stage_dir: Path, params: dict, build: Callable[[Path], dict], forc
     return manifest, False
 
 
-def get_docs_params(data: DataConfig) -> dict:
+def get_docs_params(data: DataConfig, spiece: Path | None) -> dict:
     """What docs/ depends on: the units' inputs and settings, plus the merge's."""
-    return {**get_plan_params(data), "shard_bytes": data.shard_bytes, "dedup": data.dedup.model_dump(),
+    return {**get_plan_params(data, spiece), "shard_bytes": data.shard_bytes, "dedup": data.dedup.model_dump(),
             "max_rejected_share": data.max_rejected_share}
 
 
@@ -62,12 +62,23 @@ def check_inputs(data: DataConfig, pack_length: int) -> None:
         raise ValueError("invalid data config:\n" + "\n".join(f"  {path}: {msg}" for path, msg in problems))
 
 
-def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log) -> float:
+def get_given_spiece(tokenizer: TokenizerConfig) -> Path | None:
+    """The SentencePiece model known before the docs stage (tokenizer.path), if any: then the
+    docs workers encode as they go (see worker.TokenSink)."""
+    if tokenizer.path is None:
+        return None
+    path = Path(tokenizer.path) / SPIECE_FILE
+    if not path.is_file():
+        raise ValueError(f"tokenizer.path {tokenizer.path}: no {SPIECE_FILE} there")
+    return path
+
+
+def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log, spiece: Path | None) -> float:
     """Run this task's share of the units; raise if an input could not be read. Returns wall seconds."""
     start = time.perf_counter()
     work_dir = layout.docs_work_dir(data.output_dir)
-    prepare_work_dir(work_dir, data, plan.units, share.count > 1, log)
-    errors = run_units(plan.units, data, work_dir, share, log)
+    prepare_work_dir(work_dir, data, plan.units, share.count > 1, log, spiece)
+    errors = run_units(plan.units, data, work_dir, share, log, spiece)
     problems = [f"input {i} {path}: {why}" for i, path, why in plan.unreadable]
     problems += [f"input {e['input']} (unit {e['unit']}): {e['error']}" for e in errors]
     if problems:
@@ -76,9 +87,9 @@ def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log) -> float
     return time.perf_counter() - start
 
 
-def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log) -> dict:
+def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log, spiece: Path | None = None) -> dict:
     """All units (resuming finished ones), then the merge into `out_dir`."""
-    units_s = run_docs_units(data, plan, TaskShare(), log)
+    units_s = run_docs_units(data, plan, TaskShare(), log, spiece)
     work_dir = layout.docs_work_dir(data.output_dir)
     manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s)
     for entry in manifest["inputs"]:
@@ -86,13 +97,23 @@ def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log) -> dict:
     return manifest
 
 
-def run_docs_task(data: DataConfig, share: TaskShare, log) -> dict:
+def run_docs_task(data: DataConfig, share: TaskShare, log, spiece: Path | None) -> dict:
     """One Slurm array task: its share of the units, no merge (the merge job runs `t5ja prep`)."""
     plan = plan_units(data)
-    wall_s = run_docs_units(data, plan, share, log)
+    wall_s = run_docs_units(data, plan, share, log, spiece)
     owned = [u for u in plan.units if share.owns(u)]
     log(f"docs: task {share.index} of {share.count}: {len(owned)} unit(s) done in {wall_s:.1f} s")
     return {"task": share.index, "num_tasks": share.count, "units": len(owned)}
+
+
+def build_tokens(data: DataConfig, work_dir: Path, docs_dir: Path, spiece: Path, pack_length: int, out_dir: Path,
+                 tok: dict, log) -> dict:
+    """Pack the units the docs workers encoded, when they did (same windows); else encode docs/."""
+    unit_dirs = sorted(p for p in work_dir.glob("u-*") if p.is_dir() and "." not in p.name) if work_dir.is_dir() else []
+    if unit_dirs and all((d / "tokens.bin").is_file() and (d / "keep.npy").is_file() for d in unit_dirs):
+        log(f"tokens: packing {len(unit_dirs)} pre-encoded unit(s)")
+        return pack_unit_tokens(unit_dirs, pack_length, out_dir, data.shard_bytes, tok["vocab_size"])
+    return pack_tokens(docs_dir, spiece, pack_length, out_dir, data.shard_bytes, tok["vocab_size"])
 
 
 def remove_work_dir(work_dir: Path) -> None:
@@ -109,13 +130,15 @@ def run_prep(data: DataConfig, tokenizer: TokenizerConfig, pack_length: int, log
     """
     check_inputs(data, pack_length)
     share = TaskShare.from_env(task_index, num_tasks)
+    spiece = get_given_spiece(tokenizer)
     if share.count > 1:
-        return run_docs_task(data, share, log)
+        return run_docs_task(data, share, log, spiece)
     docs_dir, tok_dir = layout.docs_dir(data.output_dir), layout.tokenizer_dir(data.output_dir)
+    work_dir = layout.docs_work_dir(data.output_dir)
     docs, docs_skipped = run_stage(
-        docs_dir, get_docs_params(data), lambda tmp: build_docs(data, plan_units(data), tmp, log), False, log
+        docs_dir, get_docs_params(data, spiece), lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece),
+        False, log,
     )
-    remove_work_dir(layout.docs_work_dir(data.output_dir))  # docs/ holds it all now
     tok, tok_skipped = run_stage(
         tok_dir, tokenizer.model_dump(), lambda tmp: build_tokenizer(docs_dir, tokenizer, tmp, log),
         not docs_skipped, log,
@@ -123,9 +146,10 @@ def run_prep(data: DataConfig, tokenizer: TokenizerConfig, pack_length: int, log
     tokens, tokens_skipped = run_stage(
         layout.tokens_dir(data.output_dir),
         {"pack_length": pack_length, "shard_bytes": data.shard_bytes},
-        lambda tmp: pack_tokens(docs_dir, tok_dir / SPIECE_FILE, pack_length, tmp, data.shard_bytes, tok["vocab_size"]),
+        lambda tmp: build_tokens(data, work_dir, docs_dir, tok_dir / SPIECE_FILE, pack_length, tmp, tok, log),
         not tok_skipped, log,
     )
+    remove_work_dir(work_dir)  # docs/ and tokens/ hold it all now
     summary = build_summary(docs, docs_skipped, tok, tok_skipped, tokens, tokens_skipped)
     log_summary(summary, log)
     return summary

@@ -49,14 +49,26 @@ def _file_units(index0: int, input_index: int, spec: InputSpec, path: Path, fmt:
     return [Unit(index0 + i, input_index, str(path), fmt, start, end, source) for i, (start, end) in enumerate(splits)]
 
 
+# Aim for at least this many units, so that a small corpus still keeps every worker busy.
+MIN_UNITS = 64
+
+
+def get_unit_bytes(data: DataConfig) -> int:
+    """data.unit_bytes, smaller for small corpora: a pure function of the inputs (never of the
+    number of workers), so every run and task plans the same units."""
+    total = sum(p.stat().st_size for spec in data.inputs for p in resolve_input_files(spec))
+    return max(data.max_line_bytes, min(data.unit_bytes, -(-total // MIN_UNITS)))
+
+
 def plan_units(data: DataConfig) -> Plan:
     plan = Plan([], [], {})
+    unit_bytes = get_unit_bytes(data)
     for input_index, spec in enumerate(data.inputs):
         plan.formats[input_index] = []
         for path in resolve_input_files(spec):
             try:
                 fmt = detect_format(path) if spec.format == "auto" else spec.format
-                units = _file_units(len(plan.units), input_index, spec, path, fmt, data.unit_bytes)
+                units = _file_units(len(plan.units), input_index, spec, path, fmt, unit_bytes)
             except (OSError, ValueError, EOFError) as err:
                 plan.unreadable.append((input_index, str(path), f"{type(err).__name__}: {err}"))
                 continue
@@ -65,7 +77,7 @@ def plan_units(data: DataConfig) -> Plan:
     return plan
 
 
-def get_plan_params(data: DataConfig) -> dict:
+def get_plan_params(data: DataConfig, spiece_path: Path | None = None) -> dict:
     """What the per-unit outputs depend on: change any of it and the units are redone."""
     files = [[{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
               for p in resolve_input_files(spec)] for spec in data.inputs]
@@ -73,7 +85,12 @@ def get_plan_params(data: DataConfig) -> dict:
         "inputs": [spec.model_dump() for spec in data.inputs], "files": files, "unit_bytes": data.unit_bytes,
         "max_line_bytes": data.max_line_bytes, "clean": data.clean.model_dump(), "filters": data.filters.model_dump(),
         "near": data.dedup.model_dump() if data.dedup.near else None,
+        "spiece_sha256": _sha256(spiece_path) if spiece_path else None,
     }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def get_params_digest(params: dict) -> str:

@@ -7,6 +7,8 @@ at any moment leaves at most a `.tmp-*` directory that the next run deletes.
     u-NNNNNN/docs.arrow      cleaned documents that passed the filters (DOCS_SCHEMA)
     u-NNNNNN/hashes.npy      their 16-byte text hashes, sorted, with row numbers (dedup.write_hashes)
     u-NNNNNN/minhash.npy     MinHash signatures, when near-dup removal is on
+    u-NNNNNN/tokens.bin      with a given tokenizer: the kept documents' ids, each followed by EOS (int32)
+    u-NNNNNN/lengths.bin     ... and each document's id count including its EOS (int32)
     u-NNNNNN/rejects.jsonl   every record that could not be read, with file:line or byte offset
     u-NNNNNN/stats.json      counts in/out, bytes, drops by reason, wall time
 """
@@ -20,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from data_prep.clean import build_normalizer
@@ -29,6 +32,8 @@ from data_prep.documents import DOCS_SCHEMA, DocBuffer
 from data_prep.filters import build_filters
 from data_prep.readers import RawDoc, Reject, read_split
 from data_prep.units import Unit
+
+_EOS = np.array([1], dtype=np.int32)  # T5 layout EOS (data_prep.tokenizer.EOS_ID)
 
 BATCH_ROWS = 1000
 
@@ -53,10 +58,39 @@ class UnitStats:
     wall_s: float = 0.0
 
 
+class TokenSink:
+    """Encodes a unit's kept documents as they are written, when the tokenizer is known up
+    front (`tokenizer.path`): tokenizing inside the docs workers keeps every core busy and
+    saves the tokens stage a second pass over the text."""
+
+    def __init__(self, tmp_dir: Path, spiece_path: Path):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(spiece_path))
+        self.tokens = open(tmp_dir / "tokens.bin", "wb")
+        self.lengths = open(tmp_dir / "lengths.bin", "wb")
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        from data_prep.pack import iter_utf8
+
+        texts = list(iter_utf8(batch.column("text")))
+        encoded = self.sp.encode(texts, num_threads=1, return_type="numpy")  # one worker per core already
+        lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int32, count=len(encoded))
+        pieces = [_EOS] * (2 * len(encoded))
+        pieces[::2] = encoded
+        if pieces:
+            self.tokens.write(np.concatenate(pieces).astype(np.int32, copy=False).tobytes())
+        self.lengths.write(lengths.tobytes())
+
+    def close(self) -> None:
+        self.tokens.close()
+        self.lengths.close()
+
+
 class UnitWriter:
     """Everything one unit writes, in its temporary directory."""
 
-    def __init__(self, tmp_dir: Path, near: bool):
+    def __init__(self, tmp_dir: Path, near: bool, spiece_path: Path | None = None):
         self.tmp_dir = tmp_dir
         self._sink = pa.OSFile(str(tmp_dir / "docs.arrow"), "wb")
         self._writer = pa.ipc.new_stream(self._sink, DOCS_SCHEMA)
@@ -64,6 +98,7 @@ class UnitWriter:
         self.buffer = DocBuffer()
         self.hashes: list[bytes] = []  # 16 bytes per kept document: bounded by the unit's size
         self.signatures: list | None = [] if near else None
+        self.token_sink = TokenSink(tmp_dir, spiece_path) if spiece_path is not None else None
 
     def add_reject(self, unit: Unit, reject: Reject) -> None:
         record = {"input": unit.input_index, "unit": unit.index, "where": reject.where, "reason": reject.reason}
@@ -71,13 +106,18 @@ class UnitWriter:
 
     def flush(self) -> None:
         if len(self.buffer):
-            self._writer.write_batch(self.buffer.take())
+            batch = self.buffer.take()
+            self._writer.write_batch(batch)
+            if self.token_sink is not None:
+                self.token_sink.add(batch)
 
     def close(self, stats: UnitStats) -> None:
         self.flush()
         self._writer.close()
         self._sink.close()
         self.rejects.close()
+        if self.token_sink is not None:
+            self.token_sink.close()
         write_hashes(self.tmp_dir / "hashes.npy", self.hashes)
         if self.signatures is not None:
             write_signatures(self.tmp_dir / "minhash.npy", self.signatures)
@@ -88,8 +128,9 @@ class UnitWriter:
 class UnitProcessor:
     """Cleans, filters and hashes the documents of units; one per worker process."""
 
-    def __init__(self, data: DataConfig):
+    def __init__(self, data: DataConfig, spiece_path: Path | None = None):
         self.data = data
+        self.spiece_path = spiece_path
         self.normalize = build_normalizer(data.clean)
         self.filters = build_filters(data.filters)
 
@@ -100,7 +141,7 @@ class UnitProcessor:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)
         stats = UnitStats(unit.index, unit.input_index, unit.path, unit.format)
-        writer = UnitWriter(tmp_dir, self.data.dedup.near)
+        writer = UnitWriter(tmp_dir, self.data.dedup.near, self.spiece_path)
         self._read_all(unit, writer, stats)
         stats.wall_s = time.perf_counter() - start
         writer.close(stats)
@@ -160,9 +201,9 @@ def _publish(tmp_dir: Path, final_dir: Path) -> None:
 _PROCESSOR: UnitProcessor | None = None
 
 
-def init_worker(data_json: str) -> None:
+def init_worker(data_json: str, spiece_path: str | None = None) -> None:
     global _PROCESSOR
-    _PROCESSOR = UnitProcessor(DataConfig.model_validate_json(data_json))
+    _PROCESSOR = UnitProcessor(DataConfig.model_validate_json(data_json), Path(spiece_path) if spiece_path else None)
 
 
 def run_unit(unit: Unit, work_dir: str) -> dict:

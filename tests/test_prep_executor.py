@@ -197,3 +197,24 @@ def test_cli_exit_code_for_unreadable_input(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     assert "broken.jsonl.gz" in result.stderr and "Traceback" not in result.stderr
+
+
+def read_windows(out: Path) -> "np.ndarray":
+    import numpy as np
+
+    tables = [pa.ipc.open_stream(pa.memory_map(str(s))).read_all() for s in list_shards(layout.tokens_dir(out))]
+    return np.concatenate([t.column("input_ids").combine_chunks().values.to_numpy() for t in tables])
+
+
+def test_given_tokenizer_encodes_in_the_workers_with_the_same_windows(tmp_path, corpus, reference):
+    """With tokenizer.path the docs workers encode as they go; the windows equal encoding docs/ after."""
+    import numpy as np
+
+    given = TokenizerConfig(path=str(layout.tokenizer_dir(reference)))
+    logs = []
+    run_prep(data_config(corpus, tmp_path, num_workers=2), given, PACK, log=logs.append)
+    assert any("pre-encoded unit" in line for line in logs)
+    assert read_docs(tmp_path) == read_docs(reference)
+    np.testing.assert_array_equal(read_windows(tmp_path), read_windows(reference))
+    assert json.loads((layout.tokens_dir(tmp_path) / "manifest.json").read_text())["dropped_tail_tokens"] == \
+        json.loads((layout.tokens_dir(reference) / "manifest.json").read_text())["dropped_tail_tokens"]

@@ -1,29 +1,53 @@
-"""DeepSpeed checkpoints of the run, the `TrainState` inside them, and Hugging Face export.
+"""Atomic DeepSpeed checkpoints of the run, the `TrainState` inside them, and Hugging Face export.
 
-Layout: RUN_DIR/checkpoints/step_00000100/ holds DeepSpeed's files for that step plus a copy
-of the resolved job (`config.json`); RUN_DIR/checkpoints/latest names the newest tag.
+Layout:
+    RUN_DIR/checkpoints/step_00000100/   DeepSpeed's files for that step, plus
+        config.json                       a copy of the resolved job
+        train_state.json                  TrainState (rank 0)
+        rng_rank<R>.pt                    each rank's RNG states
+        manifest.json                     every file's size and sha256, written last
+    RUN_DIR/checkpoints/latest            the newest complete tag
+
+A checkpoint becomes visible only when complete on every rank: all ranks write into
+`step_N.staging`, barrier, then rank 0 writes the manifest, renames the directory to `step_N`
+and moves `latest` (write temp, fsync, rename). DeepSpeed's own `latest` is not used: it is
+written before DeepSpeed's final barrier and not atomically. A crash at any point leaves the
+previous checkpoint as `latest`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
+log = logging.getLogger("trainer.checkpoint")
+
+STAGING_SUFFIX = ".staging"
+MANIFEST = "manifest.json"
+
 
 class CheckpointConfig(BaseModel):
-    """When to save and how many to keep."""
+    """When to save, how many to keep, how to check them on load."""
 
     model_config = ConfigDict(extra="forbid")
 
     every_steps: int = Field(1000, ge=0, description="save every this many optimizer steps (0: only at the end)")
     keep_last: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
+    keep_every: int = Field(0, ge=0, description="also keep checkpoints whose step is a multiple of this (0: none)")
     resume: bool = Field(True, description="continue from RUN_DIR/checkpoints/latest when it exists")
+    verify: str = Field("sha256", pattern="^(sha256|size)$",
+                        description="how a checkpoint is checked before loading: sha256 of every file, or sizes only")
 
 
 @dataclass
@@ -34,6 +58,8 @@ class TrainState:
     consumed_samples: int = 0  # sequences consumed, all ranks together
     consumed_tokens: int = 0  # packed-window tokens consumed, all ranks together
     restarts: list[int] = field(default_factory=list)  # steps at which the job was resumed
+    nan_skips: int = 0  # micro-batches skipped for a non-finite loss
+    mlflow_run_id: str | None = None
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -49,35 +75,133 @@ def get_latest_tag(run_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def save_checkpoint(engine, run_dir: Path, state: TrainState, resolved_config: Path, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+def list_complete_tags(run_dir: Path) -> list[str]:
+    """Tags with a manifest, oldest first (staging directories are never complete)."""
+    tags = [p.name for p in checkpoints_dir(run_dir).glob("step_*")
+            if p.is_dir() and not p.name.endswith(STAGING_SUFFIX) and (p / MANIFEST).is_file()]
+    return sorted(tags)
+
+
+# ---- saving -----------------------------------------------------------------------------
+
+def get_rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(engine, run_dir: Path, state: TrainState, resolved_config: Path, cfg: CheckpointConfig) -> str:
+    """Collective: every rank calls it. Returns the tag once it is complete and `latest`."""
     tag = tag_for(state.step)
-    engine.save_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, client_state={"train_state": asdict(state)})
-    dist.barrier()
+    ckpt_dir = checkpoints_dir(run_dir)
+    staging = ckpt_dir / (tag + STAGING_SUFFIX)
     if dist.get_rank() == 0:
-        shutil.copy2(resolved_config, checkpoints_dir(run_dir) / tag / "config.json")
-        _prune(checkpoints_dir(run_dir), keep_last)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=staging.name, save_latest=False)
+    torch.save(get_rng_state(), staging / f"rng_rank{dist.get_rank()}.pt")
+    dist.barrier()  # every rank's files are written
+    if dist.get_rank() == 0:
+        _write_json(staging / "train_state.json", asdict(state))
+        shutil.copy2(resolved_config, staging / "config.json")
+        publish(staging, ckpt_dir / tag)
+        prune(ckpt_dir, cfg)
     dist.barrier()
     return tag
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-    for old in tags[:-keep_last]:
-        shutil.rmtree(old)
+def publish(staging: Path, final: Path) -> None:
+    """Manifest, then rename, then `latest`: each step durable before the next."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    manifest = {"files": [{"path": str(p.relative_to(staging)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+                          for p in files]}
+    _write_json(staging / MANIFEST, manifest)
+    _fsync_tree(staging)
+    if final.exists():  # a complete checkpoint of the same step (a rerun of it): replaced
+        shutil.rmtree(final)
+    staging.rename(final)
+    _fsync_dir(final.parent)
+    write_atomic(final.parent / "latest", final.name + "\n")
 
 
-def load_latest(engine, run_dir: Path) -> TrainState | None:
-    """Collective. Loads RUN_DIR/checkpoints/latest into the engine; None when there is none."""
-    tag = get_latest_tag(run_dir)
-    if tag is None:
+def prune(ckpt_dir: Path, cfg: CheckpointConfig) -> None:
+    tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(STAGING_SUFFIX))
+    keep = set(tags[-cfg.keep_last:])
+    if cfg.keep_every:
+        keep |= {t for t in tags if int(t.split("_")[1]) % cfg.keep_every == 0}
+    for tag in tags:
+        if tag not in keep:
+            shutil.rmtree(ckpt_dir / tag)
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+def get_checkpoint_problems(path: Path, verify: str) -> list[str]:
+    """Why the checkpoint at `path` cannot be trusted; empty when it matches its manifest."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{path}: no {MANIFEST} (incomplete save)"]
+    problems = []
+    for entry in json.loads(manifest_path.read_text())["files"]:
+        file = path / entry["path"]
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif file.stat().st_size != entry["bytes"]:
+            problems.append(f"{file}: {file.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif verify == "sha256" and _sha256(file) != entry["sha256"]:
+            problems.append(f"{file}: sha256 differs from the manifest")
+    return problems
+
+
+def choose_resume_tag(run_dir: Path, verify: str) -> str | None:
+    """The newest checkpoint that verifies, starting from `latest`; None for a fresh run.
+
+    `latest` naming a checkpoint that does not exist is an error, not a fresh start: the run
+    directory says training happened, and silently starting over would lose it.
+    """
+    latest = get_latest_tag(run_dir)
+    if latest is None:
         return None
-    path, client_state = engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
-    if path is None:
-        # DeepSpeed returns None instead of raising when files are missing: a checkpoint
-        # that the run directory names must not be silently replaced by a fresh start.
-        raise RuntimeError(f"{checkpoints_dir(run_dir) / tag}: named by 'latest' but could not be loaded")
-    return TrainState(**client_state["train_state"])
+    if not (checkpoints_dir(run_dir) / latest).is_dir():
+        raise FileNotFoundError(f"{checkpoints_dir(run_dir) / 'latest'} names {latest}, which does not exist; "
+                                "restore it, or set checkpoint.resume=false to start over")
+    candidates = [t for t in reversed(list_complete_tags(run_dir)) if t <= latest]
+    for tag in candidates if latest in candidates else [latest] + candidates:
+        problems = get_checkpoint_problems(checkpoints_dir(run_dir) / tag, verify)
+        if not problems:
+            return tag
+        log.error("checkpoint %s is unusable, trying the previous one:\n  %s", tag, "\n  ".join(problems))
+    raise RuntimeError(f"{checkpoints_dir(run_dir)}: no usable checkpoint (latest was {latest}); "
+                       "set checkpoint.resume=false to start over")
+
+
+def load_checkpoint(engine, run_dir: Path, tag: str) -> TrainState:
+    """Collective. Loads `tag` into the engine and this rank's RNG; returns the TrainState."""
+    path = checkpoints_dir(run_dir) / tag
+    loaded, _ = engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
+    if loaded is None:
+        raise RuntimeError(f"{path}: DeepSpeed could not load it")
+    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(**json.loads((path / "train_state.json").read_text()))
+
+
+def resume_tag_all_ranks(run_dir: Path, verify: str) -> str | None:
+    """Rank 0 chooses (and verifies) the tag; every rank gets the same answer."""
+    choice = [choose_resume_tag(run_dir, verify) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+# ---- export -------------------------------------------------------------------------------
+
+# What a Hugging Face tokenizer directory holds (data prep's markers and manifest stay behind).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 
 
 def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -85,10 +209,6 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
-
-
-# What a Hugging Face tokenizer directory holds (data prep's markers and manifest stay behind).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 
 
 def export_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer_dir: Path, out_dir: Path) -> None:
@@ -107,5 +227,45 @@ def export_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], token
             shutil.copy2(tokenizer_dir / name, out_dir / name)
 
 
-def write_json(path: Path, value) -> None:
+# ---- files --------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, value) -> None:
+    _write_json(path, value)

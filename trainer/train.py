@@ -112,11 +112,11 @@ class Trainer:
     def maybe_resume(self) -> None:
         if not self.cfg.checkpoint.resume:
             return
-        state = ckpt.load_latest(self.engine, self.run_dir)
-        if state is not None:
-            state.restarts.append(state.step)
-            self.state = state
-            log.info("resumed from step %d", state.step)
+        tag = ckpt.resume_tag_all_ranks(self.run_dir, self.cfg.checkpoint.verify)
+        if tag is not None:
+            self.state = ckpt.load_checkpoint(self.engine, self.run_dir, tag)
+            self.state.restarts.append(self.state.step)
+            log.info("resumed from %s (step %d)", tag, self.state.step)
 
     def train_step(self) -> tuple[torch.Tensor, float, float]:
         """One optimizer step: forward/backward over every micro batch of this rank."""
@@ -167,8 +167,12 @@ class Trainer:
             self.save()
 
     def save(self) -> str:
-        return ckpt.save_checkpoint(self.engine, self.run_dir, self.state, self.run_dir / "config.json",
-                                    self.cfg.checkpoint.keep_last)
+        start = time.perf_counter()
+        tag = ckpt.save_checkpoint(self.engine, self.run_dir, self.state, self.run_dir / "config.json",
+                                   self.cfg.checkpoint)
+        if self.logger is not None:
+            self.logger.log({"checkpoint/save_s": time.perf_counter() - start}, self.state.step)
+        return tag
 
     # ---- the end ------------------------------------------------------------------
     def finish(self) -> None:
