@@ -1,5 +1,6 @@
 """`t5ja`: the command line. Exit codes: 0 done, 1 unreadable input data, 2 bad job file or
-arguments, otherwise the failing stage's own code (torchrun's for training)."""
+arguments, 75 training stopped for preemption (checkpoint written: run the same command
+again), otherwise the failing stage's own code (torchrun's for training)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from launcher.job import ConfigError, load_job
+from trainer.preemption import EXIT_PREEMPTED
 
 EXIT_CONFIG = 2
 EXIT_DATA = 1  # an input could not be read, or too many of its records were rejected
@@ -49,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     quick.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
+    export = sub.add_parser("export", help="write a Hugging Face model directory from a run's checkpoint",
+                            description="Gather a ZeRO-1/2/3 checkpoint of RUN_DIR into a save_pretrained "
+                                        "directory (safetensors) with the tokenizer.")
+    export.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest usable one)")
+    export.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export)")
+
     validate = sub.add_parser("validate", help="check job files and print every problem",
                               description="Validate each JOB file (with overrides) and report every problem.")
     validate.add_argument("jobs", nargs="+", help="job YAML files, then optional overrides")
@@ -80,7 +89,10 @@ def cmd_train(args) -> int:
         return 0
     write_run(plan)
     print(f"run directory: {plan.run_dir}", flush=True)
-    return launch_local(plan)
+    code = launch_local(plan)
+    if code == EXIT_PREEMPTED:
+        print(f"preempted: checkpoint written; run the same command to resume ({plan.run_dir})", file=sys.stderr)
+    return code
 
 
 def cmd_validate(args) -> int:
@@ -97,13 +109,30 @@ def cmd_validate(args) -> int:
     return status
 
 
+def cmd_export(args) -> int:
+    from trainer.export import export_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").is_file():
+        print(f"error: {run_dir}: not a run directory (no config.json)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        out = export_run(run_dir, args.step, Path(args.out) if args.out else None)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"exported to {out}")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from launcher.quickstart import run_quickstart
 
     return run_quickstart(Path(args.out), args.overrides)
 
 
-COMMANDS = {"prep": cmd_prep, "train": cmd_train, "quickstart": cmd_quickstart, "validate": cmd_validate}
+COMMANDS = {"prep": cmd_prep, "train": cmd_train, "quickstart": cmd_quickstart, "validate": cmd_validate,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

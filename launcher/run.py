@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from data_prep import layout
 from launcher.config import JobConfig
 from launcher.ds_config import BatchSizes, fill_ds_config, read_ds_config
 from trainer.config import RunInfo
+from trainer.preemption import EXIT_PREEMPTED, clear_marker, read_marker
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @dataclass
@@ -46,7 +50,10 @@ def _run_info(job: JobConfig, batch: BatchSizes) -> RunInfo:
 def torchrun_command(job: JobConfig, config_path: Path) -> list[str]:
     launcher = job.launcher
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launcher.nnodes),
-           "--nproc-per-node", str(launcher.nproc_per_node), "--max-restarts", str(launcher.max_restarts)]
+           "--nproc-per-node", str(launcher.nproc_per_node), "--max-restarts", str(launcher.max_restarts),
+           # SIGUSR1 is what Slurm sends ahead of preemption: without this torchrun dies of it.
+           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+           "--shutdown-timeout", str(launcher.shutdown_timeout_s)]
     if launcher.master_port is None:
         cmd.append("--standalone")
     else:
@@ -94,5 +101,19 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def launch_local(plan: RunPlan) -> int:
-    env = {**os.environ, **plan.env}
-    return subprocess.call(plan.command, env=env)
+    """Run torchrun; SIGTERM/SIGUSR1/SIGINT sent to us are passed on to it (and by it to the
+    workers, which checkpoint). Returns EXIT_PREEMPTED when the workers stopped for preemption."""
+    clear_marker(plan.run_dir)
+    child = subprocess.Popen(plan.command, env={**os.environ, **plan.env})
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # torchrun's own exit code after a signal says "failed"; the workers' marker says why.
+    return EXIT_PREEMPTED if read_marker(plan.run_dir) is not None else code

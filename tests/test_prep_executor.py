@@ -218,3 +218,18 @@ def test_given_tokenizer_encodes_in_the_workers_with_the_same_windows(tmp_path, 
     np.testing.assert_array_equal(read_windows(tmp_path), read_windows(reference))
     assert json.loads((layout.tokens_dir(tmp_path) / "manifest.json").read_text())["dropped_tail_tokens"] == \
         json.loads((layout.tokens_dir(reference) / "manifest.json").read_text())["dropped_tail_tokens"]
+
+
+def test_near_duplicates_removed_across_units_when_enabled(tmp_path, reference):
+    """MinHash LSH over the whole corpus: a document with one sentence changed is dropped."""
+    docs = ["\n".join(PARAGRAPHS[i:i + 12]) for i in range(0, 240, 12)]  # 20 long distinct docs
+    near = [d.replace("。", "。!", 1) for d in docs[:5]]  # first sentence altered slightly
+    path = tmp_path / "near.txt"
+    path.write_text("\n\n".join(docs + near) + "\n", encoding="utf-8")
+    existing = TokenizerConfig(path=str(layout.tokenizer_dir(reference)))
+    data = DataConfig(inputs=[{"path": str(path), "format": "text"}], output_dir=str(tmp_path / "out"),
+                      dedup={"near": True, "near_threshold": 0.8})
+    run_prep(data, existing, PACK)
+    totals = manifest(tmp_path / "out")["totals"]
+    assert totals["dropped"]["near_duplicate"] == 5 and totals["dropped"]["duplicate"] == 0
+    assert [d["text"] for d in read_docs(tmp_path / "out")] == [t.strip() for t in docs]

@@ -6,6 +6,7 @@ import sys
 
 from trainer.distributed import init_distributed, setup_logging
 from trainer.config import load_worker_config
+from trainer.preemption import EXIT_PREEMPTED, Preempted
 
 
 def main(argv: list[str]) -> int:
@@ -20,6 +21,9 @@ def main(argv: list[str]) -> int:
     trainer = Trainer(cfg)
     try:
         trainer.train()
+    except Preempted:
+        trainer.close("KILLED")
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         trainer.close("KILLED")
         raise

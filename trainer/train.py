@@ -22,6 +22,7 @@ from trainer.data import BatchPlan, SampleOrder, TokenWindows
 from trainer.metrics import MetricLogger, build_metric_logger, flatten
 from trainer.model import build_model
 from trainer.optim import build_optimizer, build_scheduler, lr_factor
+from trainer.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, write_marker
 from trainer.span_corruption import SpanCorruptionCollator, sample_seed
 
 log = logging.getLogger("trainer")
@@ -47,6 +48,7 @@ class Trainer:
         self._build_data()
         self._build_engine()
         self.logger: MetricLogger | None = self._build_logger() if self.rank == 0 else None
+        self.preemption = PreemptionWatch()
         self._window = _LogWindow()
 
     # ---- construction -------------------------------------------------------------
@@ -107,7 +109,20 @@ class Trainer:
             loss, data_s, step_s = self.train_step()
             self.maybe_log(loss, data_s, step_s)
             self.maybe_checkpoint()
+            self.maybe_stop_for_preemption()
         self.finish()
+
+    def maybe_stop_for_preemption(self) -> None:
+        if not self.preemption.agreed():
+            return
+        tag = ckpt.get_latest_tag(self.run_dir)
+        if tag != ckpt.tag_for(self.state.step):
+            tag = self.save()
+        if self.rank == 0:
+            write_marker(self.run_dir, self.state.step, tag, self.preemption.signal)
+        log.warning("preempted at step %d: checkpoint %s written; exiting with %d", self.state.step, tag,
+                    EXIT_PREEMPTED)
+        raise Preempted(tag)
 
     def maybe_resume(self) -> None:
         if not self.cfg.checkpoint.resume:

@@ -1,0 +1,60 @@
+"""Preemption: SIGTERM and SIGUSR1 (what Slurm sends before preemption or the time limit)
+set a flag; the ranks agree on it at the next step boundary, take a checkpoint and exit with
+EXIT_PREEMPTED, which the launcher and the Slurm template turn into "run again".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("trainer.preemption")
+
+# sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry".
+EXIT_PREEMPTED = 75
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+MARKER = "preempted.json"
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written."""
+
+
+class PreemptionWatch:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        # Only a flag: a handler cannot checkpoint (collectives, half-finished step).
+        if self.signal is None:
+            log.warning("received %s: checkpoint and exit at the next step boundary", signal.Signals(signum).name)
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank when any rank was signalled (one 4-byte all-reduce)."""
+        flag = torch.tensor([1 if self.signal is not None else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def write_marker(run_dir: Path, step: int, tag: str, signum: int | None) -> None:
+    name = signal.Signals(signum).name if signum else "peer"
+    record = {"step": step, "checkpoint": tag, "signal": name, "time": time.time()}
+    (run_dir / MARKER).write_text(json.dumps(record) + "\n")
+
+
+def read_marker(run_dir: Path) -> dict | None:
+    path = run_dir / MARKER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def clear_marker(run_dir: Path) -> None:
+    (run_dir / MARKER).unlink(missing_ok=True)
