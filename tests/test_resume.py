@@ -29,7 +29,9 @@ def train_args(out: Path, data: Path, stage: str, *extra: str) -> list[str]:
     return ["train", str(ROOT / "configs/t5-tiny-zero3.yaml"), "name=run", f"output_dir={out}",
             f"data.output_dir={data}", f"deepspeed.config={stage}", f"train.steps={STEPS}", "train.log_every=1",
             "train.global_batch_size=16", "train.micro_batch_size=4", "train.warmup_steps=5",
-            "checkpoint.every_steps=10", "checkpoint.keep_last=2", *extra]
+            "checkpoint.every_steps=10", "checkpoint.keep_last=2",
+            "mlflow.enabled=false",  # not under test here; a new sqlite store costs seconds of migrations
+            *extra]
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -167,3 +169,4 @@ def test_export_command_writes_a_loadable_model(straight, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), final.parameters()))  # step 30 != 40
     missing = run_t5ja("export", str(reference), "--step", "7")
     assert missing.returncode == 2 and "step_00000007" in missing.stderr
+

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
-from trainer.distributed import init_distributed, setup_logging
+from trainer.distributed import die_with_parent, init_distributed, setup_logging
 from trainer.config import load_worker_config
 from trainer.preemption import EXIT_PREEMPTED, Preempted
 
@@ -13,6 +14,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m trainer RUN_DIR/config.json", file=sys.stderr)
         return 2
+    die_with_parent()
     cfg = load_worker_config(argv[0])
     setup_logging(cfg.run.run_dir)
     init_distributed()
@@ -28,6 +30,7 @@ def main(argv: list[str]) -> int:
         trainer.close("KILLED")
         raise
     except BaseException:
+        logging.getLogger("trainer").exception("training failed")  # into logs/rank_<R>.log too
         trainer.close("FAILED")
         raise
     trainer.close("FINISHED")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +29,23 @@ def setup_logging(run_dir: str) -> None:
     # ZeRO-3 on recent torch repeats a deprecation warning per gathered parameter.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this worker when its parent (the torchrun agent) dies.
+
+    torchrun starts each worker in a session of its own, so a killed agent (OOM killer, node
+    agent, kill -9) would leave the ranks running as orphans, still writing checkpoints next
+    to the job that replaces it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the prctl: nobody will stop us
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def init_distributed() -> None:

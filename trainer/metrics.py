@@ -7,11 +7,14 @@ Rank 0 owns the sinks: a `metrics.jsonl` in the run directory (always) and an ML
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("trainer.metrics")
 
 # MLflow caps a param value at 6000 characters and a log_batch call at 100 params.
 _MAX_PARAM_CHARS = 6000
@@ -65,14 +68,25 @@ class MLflowLogger:
 
         self._client = MlflowClient(tracking_uri=tracking_uri)
         id_file = run_dir / "mlflow_run_id"
-        if id_file.exists():
-            self.run_id = id_file.read_text().strip()
-            self._client.update_run(self.run_id, status="RUNNING")
-        else:
+        self.run_id = self._continue_run(id_file.read_text().strip()) if id_file.exists() else None
+        if self.run_id is None:
             experiment_id = self._experiment_id(cfg.experiment, tracking_uri, run_dir)
             run = self._client.create_run(experiment_id, run_name=run_name, tags={"mlflow.note.content": description})
             self.run_id = run.info.run_id
             id_file.write_text(self.run_id + "\n")
+
+    def _continue_run(self, run_id: str) -> str | None:
+        """The run a restarted job continues; None if this tracking store does not know it
+        (the run directory was moved, or the store replaced): then a new run is started."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.update_run(run_id, status="RUNNING")
+        except MlflowException as err:
+            log.warning("MLflow run %s from mlflow_run_id is not in this tracking store (%s); starting a new run",
+                        run_id, err.error_code)
+            return None
+        return run_id
 
     def _experiment_id(self, name: str, tracking_uri: str, run_dir: Path) -> str:
         experiment = self._client.get_experiment_by_name(name)
