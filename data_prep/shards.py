@@ -87,9 +87,3 @@ class ShardWriter:
 
 def list_shards(stage_dir: Path) -> list[Path]:
     return sorted(stage_dir.glob("shard-*.arrow"))
-
-
-def iter_batches(path: Path):
-    """Record batches of one stream shard, memory-mapped."""
-    with pa.memory_map(str(path)) as source:
-        yield from pa.ipc.open_stream(source)

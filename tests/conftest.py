@@ -53,3 +53,26 @@ def tiny_data(tmp_path_factory, neko_data) -> Path:
                        TokenizerConfig(path=str(layout.tokenizer_dir(neko_data))), pack_length=pack_length)
     assert 16 <= summary["tokens"]["num_sequences"] <= 18
     return out / "data"
+
+
+REFERENCE_STEPS = 40
+
+
+def train_args(out: Path, data: Path, stage: str, *extra: str) -> list[str]:
+    """`t5ja train` arguments of the multi-process tests: t5-tiny on 2 ranks, 40 steps, a
+    checkpoint every 10, the loss logged every step."""
+    return ["train", str(ROOT / "configs/t5-tiny-zero3.yaml"), "name=run", f"output_dir={out}",
+            f"data.output_dir={data}", f"deepspeed.config={stage}", f"train.steps={REFERENCE_STEPS}",
+            "train.log_every=1", "train.global_batch_size=16", "train.micro_batch_size=4", "train.lr=1e-2",
+            "train.warmup_steps=5", "checkpoint.every_steps=10", "checkpoint.keep_last=2", *extra]
+
+
+@pytest.fixture(scope="session", params=["zero2", "zero3"])
+def reference_run(request, tmp_path_factory, tiny_data):
+    """One uninterrupted run per ZeRO stage on the ~16-window data set (every step sees the
+    same samples): the overfit, layout, export and MLflow tests read it, and the resume tests
+    compare their interrupted runs with it. Returns (stage, output dir, run dir)."""
+    out = tmp_path_factory.mktemp(f"reference-{request.param}")
+    result = run_t5ja(*train_args(out, tiny_data, request.param))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return request.param, out, out / "run"

@@ -17,21 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_t5ja
+from conftest import REFERENCE_STEPS, ROOT, run_t5ja
+from conftest import train_args as reference_train_args
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
-STEPS = 40
+STEPS = REFERENCE_STEPS
 EXIT_PREEMPTED = 75
 
 
 def train_args(out: Path, data: Path, stage: str, *extra: str) -> list[str]:
-    return ["train", str(ROOT / "configs/t5-tiny-zero3.yaml"), "name=run", f"output_dir={out}",
-            f"data.output_dir={data}", f"deepspeed.config={stage}", f"train.steps={STEPS}", "train.log_every=1",
-            "train.global_batch_size=16", "train.micro_batch_size=4", "train.warmup_steps=5",
-            "checkpoint.every_steps=10", "checkpoint.keep_last=2",
-            "mlflow.enabled=false",  # not under test here; a new sqlite store costs seconds of migrations
-            *extra]
+    # MLflow is not under test here; a new sqlite store costs seconds of migrations.
+    return reference_train_args(out, data, stage, "mlflow.enabled=false", *extra)
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -69,17 +66,15 @@ def assert_same_run(run_dir: Path, reference: Path, from_step: int) -> None:
         torch.testing.assert_close(tensor, ref_weights[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module", params=["zero2", "zero3"])
-def straight(request, tmp_path_factory, neko_data):
-    out = tmp_path_factory.mktemp(f"straight-{request.param}")
-    result = run_t5ja(*train_args(out, neko_data, request.param))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return request.param, out / "run"
+@pytest.fixture(scope="module")
+def straight(reference_run):
+    stage, _, run_dir = reference_run
+    return stage, run_dir
 
 
-def test_kill_9_at_step_23_then_resume_is_exact(straight, tmp_path, neko_data):
+def test_kill_9_at_step_23_then_resume_is_exact(straight, tmp_path, tiny_data):
     stage, reference = straight
-    args = train_args(tmp_path, neko_data, stage)
+    args = train_args(tmp_path, tiny_data, stage)
     proc = start(args)
     wait_for(lambda: max(losses(tmp_path / "run"), default=0) >= 23, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks, as a node crash
@@ -91,11 +86,10 @@ def test_kill_9_at_step_23_then_resume_is_exact(straight, tmp_path, neko_data):
     assert_same_run(tmp_path / "run", reference, from_step=21)
 
 
-def test_sigterm_checkpoints_exits_75_and_resumes_exactly(straight, tmp_path, neko_data):
+@pytest.mark.parametrize("reference_run", ["zero2"], indirect=True)
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(straight, tmp_path, tiny_data):
     stage, reference = straight
-    if stage != "zero2":
-        pytest.skip("one stage is enough for the signal path")
-    args = train_args(tmp_path, neko_data, stage)
+    args = train_args(tmp_path, tiny_data, stage)
     proc = start(args)
     wait_for(lambda: max(losses(tmp_path / "run"), default=0) >= 14, proc)
     proc.send_signal(signal.SIGTERM)  # to `t5ja train` only: it passes the signal on
@@ -109,28 +103,26 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(straight, tmp_path, ne
     assert_same_run(tmp_path / "run", reference, from_step=marker["step"] + 1)
 
 
-def test_corrupt_checkpoint_is_detected_and_the_previous_one_used(straight, tmp_path, neko_data):
+@pytest.mark.parametrize("reference_run", ["zero2"], indirect=True)
+def test_corrupt_checkpoint_is_detected_and_the_previous_one_used(straight, tmp_path, tiny_data):
     import shutil
 
     stage, reference = straight
-    if stage != "zero2":
-        pytest.skip("one stage is enough")
     shutil.copytree(reference, tmp_path / "run")
     victim = max((tmp_path / "run/checkpoints/step_00000040").rglob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a half-written file
-    result = run_t5ja(*train_args(tmp_path, neko_data, stage, "train.steps=45"))
+    result = run_t5ja(*train_args(tmp_path, tiny_data, stage, "train.steps=45"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "step_00000040 is unusable" in (tmp_path / "run/logs/rank_0.log").read_text()
     state = json.loads((tmp_path / "run/checkpoints/step_00000045/train_state.json").read_text())
     assert state["restarts"] == [30]
 
 
-def test_rank_killed_mid_save_leaves_previous_checkpoint(straight, tmp_path, neko_data):
+@pytest.mark.parametrize("reference_run", ["zero2"], indirect=True)
+def test_rank_killed_mid_save_leaves_previous_checkpoint(straight, tmp_path, tiny_data):
     stage, _ = straight
-    if stage != "zero2":
-        pytest.skip("one stage is enough")
     ckpts = tmp_path / "run" / "checkpoints"
-    proc = start(train_args(tmp_path, neko_data, stage, "checkpoint.every_steps=5"))
+    proc = start(train_args(tmp_path, tiny_data, stage, "checkpoint.every_steps=5"))
     staging = None
     while staging is None:  # catch a save in the act; retry on the next one if it was too quick
         wait_for(lambda: any(ckpts.glob("*.staging")) if ckpts.is_dir() else False, proc)
@@ -140,7 +132,7 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(straight, tmp_path, nek
     killed_tag = staging.name.removesuffix(".staging")
     assert not (ckpts / killed_tag).exists() or (ckpts / "latest").read_text().strip() != killed_tag
     latest = (ckpts / "latest").read_text().strip() if (ckpts / "latest").exists() else None
-    resumed = run_t5ja(*train_args(tmp_path, neko_data, stage, "checkpoint.every_steps=5"))
+    resumed = run_t5ja(*train_args(tmp_path, tiny_data, stage, "checkpoint.every_steps=5"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     state = json.loads((ckpts / "step_00000040/train_state.json").read_text())
     assert state["restarts"] == ([int(latest.split("_")[1])] if latest else [])
@@ -156,12 +148,12 @@ def worker_pid(launcher_pid: int, local_rank: str) -> int:
     raise AssertionError(f"no worker with LOCAL_RANK={local_rank}")
 
 
+@pytest.mark.parametrize("reference_run", ["zero3"], indirect=True)
 def test_export_command_writes_a_loadable_model(straight, tmp_path):
+    """From ZeRO-3 shards: the case that needs gathering."""
     from transformers import T5ForConditionalGeneration
 
     stage, reference = straight
-    if stage != "zero3":
-        pytest.skip("export from ZeRO-3 shards is the case that needs gathering")
     result = run_t5ja("export", str(reference), "--step", "30", "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr[-3000:]
     model = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf")

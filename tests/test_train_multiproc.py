@@ -13,26 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_t5ja
+from conftest import REFERENCE_STEPS
 
 pytestmark = pytest.mark.multiproc
 
-STEPS = 30
-LOG_EVERY = 5
+STEPS = REFERENCE_STEPS
+LOG_EVERY = 1
 
 
-@pytest.fixture(scope="module", params=["zero2", "zero3"])
-def trained_run(request, tmp_path_factory, tiny_data):
-    out = tmp_path_factory.mktemp(f"run-{request.param}")
-    result = run_t5ja(
-        "train", str(ROOT / "configs/t5-tiny-zero3.yaml"),
-        f"name=overfit-{request.param}", f"output_dir={out}", f"data.output_dir={tiny_data}",
-        f"deepspeed.config={request.param}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
-        "train.global_batch_size=16", "train.micro_batch_size=4", "train.lr=1e-2", "train.warmup_steps=3",
-        "checkpoint.every_steps=10", "checkpoint.keep_last=2",
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return request.param, out, out / f"overfit-{request.param}"
+@pytest.fixture(scope="module")
+def trained_run(reference_run):
+    return reference_run
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -44,9 +35,10 @@ def test_loss_falls_on_a_fixed_batch(trained_run):
     losses = [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
     assert len(losses) == STEPS // LOG_EVERY
     # Masks are re-drawn each epoch, so the model has to learn the 16 windows' text: the mean
-    # loss of every log window is below the one before, and falls by more than 1.5 nats.
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
-    assert losses[-1] < losses[0] - 1.5, losses
+    # loss of every 5 steps never rises (beyond 0.05 of noise) and falls by more than 1.5 nats.
+    means = [sum(losses[i:i + 5]) / 5 for i in range(0, len(losses), 5)]
+    assert all(b < a + 0.05 for a, b in zip(means, means[1:])), means
+    assert means[-1] < means[0] - 1.5, means
 
 
 def test_run_directory_layout(trained_run):
@@ -55,11 +47,14 @@ def test_run_directory_layout(trained_run):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run"]["world_size"] == 2 and config["run"]["gradient_accumulation_steps"] == 2
     assert (run_dir / "logs" / "rank_0.log").is_file() and (run_dir / "logs" / "rank_1.log").is_file()
-    # keep_last=2 of the saves at 10, 20 and the final 30
+    # keep_last=2 of the saves at 10, 20, 30 and the final 40
     tags = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-    assert tags == ["step_00000020", "step_00000030"]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000030"
-    assert json.loads((run_dir / "checkpoints" / "step_00000030" / "config.json").read_text()) == config
+    assert tags == ["step_00000030", "step_00000040"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
+    last = run_dir / "checkpoints" / "step_00000040"
+    assert json.loads((last / "config.json").read_text()) == config
+    manifest = json.loads((last / "manifest.json").read_text())
+    assert {f["path"] for f in manifest["files"]} >= {"train_state.json", "rng_rank0.pt", "rng_rank1.pt"}
 
 
 def test_export_reloads_and_matches_engine_logits(trained_run):
@@ -86,7 +81,7 @@ def test_mlflow_holds_one_run_with_params_and_step_metrics(trained_run):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.run_id == (run_dir / "mlflow_run_id").read_text().strip()
-    assert run.info.status == "FINISHED" and run.info.run_name == f"overfit-{stage}"
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.params["train.global_batch_size"] == "16"
     assert run.data.params["deepspeed.config"].endswith(f"{stage}.json")
     assert f"ZeRO-{stage[-1]}" in run.data.tags["mlflow.note.content"]

@@ -265,7 +265,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json(path: Path, value) -> None:
-    _write_json(path, value)

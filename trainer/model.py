@@ -105,7 +105,3 @@ def build_model(cfg: ModelConfig, tokenizer_size: int) -> torch.nn.Module:
     config = build_model_config(cfg, tokenizer_size)
     model_cls = _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][1])
     return model_cls(config)
-
-
-def get_model_class(cfg: ModelConfig):
-    return _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][1])
