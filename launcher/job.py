@@ -132,8 +132,9 @@ def resolve_paths(sections: dict[str, BaseModel], raw: dict, base_dir: Path) -> 
         sections["tokenizer"].path = absolute(sections["tokenizer"].path)
     if "deepspeed" in sections:
         ds = sections["deepspeed"]
-        ds.config = str(resolve_ds_config_path(ds.config if Path(ds.config).is_absolute() or len(Path(ds.config).parts) == 1
-                                               else absolute(ds.config)))
+        # A bare name (zero2) is looked up in ds_configs/; anything with a directory is a path.
+        named = len(Path(ds.config).parts) == 1
+        ds.config = str(resolve_ds_config_path(ds.config if named else absolute(ds.config)))
 
 
 def cross_check(s: dict[str, BaseModel]) -> list[Problem]:

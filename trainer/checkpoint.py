@@ -25,6 +25,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,8 +47,7 @@ class CheckpointConfig(BaseModel):
     keep_last: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
     keep_every: int = Field(0, ge=0, description="also keep checkpoints whose step is a multiple of this (0: none)")
     resume: bool = Field(True, description="continue from RUN_DIR/checkpoints/latest when it exists")
-    verify: str = Field("sha256", pattern="^(sha256|size)$",
-                        description="how a checkpoint is checked before loading: sha256 of every file, or sizes only")
+    verify: Literal["sha256", "size"] = Field("sha256", description="how a checkpoint is checked before loading: sha256 of every file, or sizes only")
 
 
 @dataclass
@@ -58,8 +58,7 @@ class TrainState:
     consumed_samples: int = 0  # sequences consumed, all ranks together
     consumed_tokens: int = 0  # packed-window tokens consumed, all ranks together
     restarts: list[int] = field(default_factory=list)  # steps at which the job was resumed
-    nan_skips: int = 0  # micro-batches skipped for a non-finite loss
-    mlflow_run_id: str | None = None
+    mlflow_run_id: str | None = None  # the job's MLflow run (also in RUN_DIR/mlflow_run_id)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

@@ -182,6 +182,8 @@ class Trainer:
             self.save()
 
     def save(self) -> str:
+        if self.logger is not None and self.logger.mlflow is not None:
+            self.state.mlflow_run_id = self.logger.mlflow.run_id
         start = time.perf_counter()
         tag = ckpt.save_checkpoint(self.engine, self.run_dir, self.state, self.run_dir / "config.json",
                                    self.cfg.checkpoint)
