@@ -103,7 +103,7 @@ def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_
         return
     # fork: workers start in milliseconds and inherit the imported modules.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(data_json, spiece)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(data_json, spiece, True)) as pool:
         futures = [pool.submit(run_unit, unit, str(work_dir)) for unit in pending]
         for future in as_completed(futures):
             yield future.result()

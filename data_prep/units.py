@@ -49,15 +49,25 @@ def _file_units(index0: int, input_index: int, spec: InputSpec, path: Path, fmt:
     return [Unit(index0 + i, input_index, str(path), fmt, start, end, source) for i, (start, end) in enumerate(splits)]
 
 
-# Aim for at least this many units, so that a small corpus still keeps every worker busy.
+# Aim for at least this many units, so that a small corpus still keeps every worker busy and
+# the last unit to finish does not leave the others idle for long.
 MIN_UNITS = 64
+# ... but no smaller than this (or than max_line_bytes, if that is smaller): each unit costs a
+# few milliseconds of its own (files, stats, a merge step).
+MIN_AUTO_UNIT_BYTES = 2 * 2**20
 
 
 def get_unit_bytes(data: DataConfig) -> int:
     """data.unit_bytes, smaller for small corpora: a pure function of the inputs (never of the
-    number of workers), so every run and task plans the same units."""
+    number of workers), so every run and task plans the same units.
+
+    An automatically shrunk unit may be smaller than max_line_bytes: a split finds its first
+    record by looking back only to the previous newline, so only a unit cut inside a giant
+    line pays for reading it (and then rejects or skips it, as any unit would).
+    """
     total = sum(p.stat().st_size for spec in data.inputs for p in resolve_input_files(spec))
-    return max(data.max_line_bytes, min(data.unit_bytes, -(-total // MIN_UNITS)))
+    floor = min(MIN_AUTO_UNIT_BYTES, data.max_line_bytes)
+    return max(floor, min(data.unit_bytes, -(-total // MIN_UNITS)))
 
 
 def plan_units(data: DataConfig) -> Plan:

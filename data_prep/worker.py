@@ -14,9 +14,11 @@ at any moment leaves at most a `.tmp-*` directory that the next run deletes.
 """
 from __future__ import annotations
 
+import importlib.abc
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,10 +65,8 @@ class TokenSink:
     front (`tokenizer.path`): tokenizing inside the docs workers keeps every core busy and
     saves the tokens stage a second pass over the text."""
 
-    def __init__(self, tmp_dir: Path, spiece_path: Path):
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor(model_file=str(spiece_path))
+    def __init__(self, tmp_dir: Path, sp):
+        self.sp = sp
         self.tokens = open(tmp_dir / "tokens.bin", "wb")
         self.lengths = open(tmp_dir / "lengths.bin", "wb")
 
@@ -90,7 +90,7 @@ class TokenSink:
 class UnitWriter:
     """Everything one unit writes, in its temporary directory."""
 
-    def __init__(self, tmp_dir: Path, near: bool, spiece_path: Path | None = None):
+    def __init__(self, tmp_dir: Path, near: bool, sp=None):
         self.tmp_dir = tmp_dir
         self._sink = pa.OSFile(str(tmp_dir / "docs.arrow"), "wb")
         self._writer = pa.ipc.new_stream(self._sink, DOCS_SCHEMA)
@@ -98,7 +98,7 @@ class UnitWriter:
         self.buffer = DocBuffer()
         self.hashes: list[bytes] = []  # 16 bytes per kept document: bounded by the unit's size
         self.signatures: list | None = [] if near else None
-        self.token_sink = TokenSink(tmp_dir, spiece_path) if spiece_path is not None else None
+        self.token_sink = TokenSink(tmp_dir, sp) if sp is not None else None
 
     def add_reject(self, unit: Unit, reject: Reject) -> None:
         record = {"input": unit.input_index, "unit": unit.index, "where": reject.where, "reason": reject.reason}
@@ -130,7 +130,7 @@ class UnitProcessor:
 
     def __init__(self, data: DataConfig, spiece_path: Path | None = None):
         self.data = data
-        self.spiece_path = spiece_path
+        self.sp = _load_sentencepiece(spiece_path) if spiece_path is not None else None  # once per worker
         self.normalize = build_normalizer(data.clean)
         self.filters = build_filters(data.filters)
 
@@ -141,7 +141,7 @@ class UnitProcessor:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)
         stats = UnitStats(unit.index, unit.input_index, unit.path, unit.format)
-        writer = UnitWriter(tmp_dir, self.data.dedup.near, self.spiece_path)
+        writer = UnitWriter(tmp_dir, self.data.dedup.near, self.sp)
         self._read_all(unit, writer, stats)
         stats.wall_s = time.perf_counter() - start
         writer.close(stats)
@@ -186,6 +186,12 @@ class UnitProcessor:
         stats.text_bytes_out += len(text.encode("utf-8"))
 
 
+def _load_sentencepiece(path: Path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
 def _publish(tmp_dir: Path, final_dir: Path) -> None:
     """Atomic: the unit is visible complete or not at all. Another task may have finished the
     same unit meanwhile (both outputs are identical); then ours is dropped."""
@@ -201,9 +207,31 @@ def _publish(tmp_dir: Path, final_dir: Path) -> None:
 _PROCESSOR: UnitProcessor | None = None
 
 
-def init_worker(data_json: str, spiece_path: str | None = None) -> None:
+def init_worker(data_json: str, spiece_path: str | None = None, child_process: bool = False) -> None:
     global _PROCESSOR
+    if child_process:
+        _probe_pandas_without_importing()
     _PROCESSOR = UnitProcessor(DataConfig.model_validate_json(data_json), Path(spiece_path) if spiece_path else None)
+
+
+class _RefusePandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "pandas":
+            raise ImportError("pandas is not used by data-prep workers")
+        return None
+
+
+def _probe_pandas_without_importing() -> None:
+    """pyarrow imports pandas (~0.5 s of CPU) the first time a process builds an array from
+    Python lists, only to ask whether they are pandas objects, which a worker never has. Let
+    that one probe fail fast: pyarrow then skips the question in this worker. (If pandas is
+    already imported, as after a fork from a process that used it, nothing changes.)"""
+    finder = _RefusePandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([""])
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def run_unit(unit: Unit, work_dir: str) -> dict:

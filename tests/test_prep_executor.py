@@ -233,3 +233,38 @@ def test_near_duplicates_removed_across_units_when_enabled(tmp_path, reference):
     totals = manifest(tmp_path / "out")["totals"]
     assert totals["dropped"]["near_duplicate"] == 5 and totals["dropped"]["duplicate"] == 0
     assert len(read_docs(tmp_path / "out")) == 20
+
+
+def test_unit_size_shrinks_for_small_corpora_down_to_a_floor(tmp_path):
+    """A small corpus is cut into ~64 units so that no worker idles behind the last one, but
+    never below 2 MiB (or max_line_bytes if smaller); a set unit_bytes is the upper bound."""
+    from data_prep.units import MIN_AUTO_UNIT_BYTES, get_unit_bytes
+
+    path = tmp_path / "big.txt"
+    with open(path, "wb") as f:
+        f.truncate(256 * 2**20)  # sparse: only its size matters here
+    inputs = [{"path": str(path), "format": "text"}]
+    assert get_unit_bytes(DataConfig(inputs=inputs, output_dir=str(tmp_path))) == 4 * 2**20  # 256 MiB / 64
+    assert get_unit_bytes(DataConfig(inputs=inputs, output_dir=str(tmp_path), unit_bytes=2**24)) == 4 * 2**20
+    assert get_unit_bytes(DataConfig(inputs=inputs, output_dir=str(tmp_path), unit_bytes=2**21,
+                                     max_line_bytes=2**20)) == 2**21
+    with open(path, "r+b") as f:
+        f.truncate(10 * 2**20)
+    assert get_unit_bytes(DataConfig(inputs=inputs, output_dir=str(tmp_path))) == MIN_AUTO_UNIT_BYTES
+    assert get_unit_bytes(DataConfig(inputs=inputs, output_dir=str(tmp_path), unit_bytes=20_000,
+                                     max_line_bytes=10_000)) == 20_000
+    with open(path, "r+b") as f:
+        f.truncate(100_000)  # 100 KB / 64 < max_line_bytes < 2 MiB
+    assert get_unit_bytes(DataConfig(inputs=inputs, output_dir=str(tmp_path), unit_bytes=20_000,
+                                     max_line_bytes=10_000)) == 10_000
+
+
+def test_merge_mask_is_the_boolean_array_numpy_gives():
+    import numpy as np
+
+    from data_prep.merge import bool_array
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 1000):
+        mask = rng.random(n) < 0.5
+        assert bool_array(mask).equals(pa.array(mask, type=pa.bool_()))
