@@ -6,12 +6,16 @@ Face `datasets` baseline and the raw SentencePiece ceiling, on one corpus and th
 Paths, each run in its own subprocess (peak RSS = the process tree's, sampled every 50 ms),
 `--repeats` times, interleaved so that load from elsewhere hits every path alike:
 
-  project    data_prep.pipeline.run_prep: docs stage + tokenizer stage (copies a pre-trained
-             tokenizer) + tokens stage, with the default DataConfig
-  tokens     data_prep.pack.pack_tokens alone, on the docs the project path produced
-  datasets   load_dataset("json") → .map(tokenize, batched=True, num_proc=N) → .save_to_disk
-  ceiling    SentencePieceProcessor.encode(batch, num_threads=N, return_type="numpy") over
-             texts already in memory (ceiling-lists: the same, returning Python lists)
+  project           data_prep.pipeline.run_prep: docs stage + tokenizer stage (copies a
+                    pre-trained tokenizer) + tokens stage, with `clean.normalize: none`
+                    (whitespace clean-up only): the baseline's work, plus filters and dedup
+  project-neologdn  the same with the default DataConfig (neologdn + NFKC normalisation)
+  tokens            data_prep.pack.pack_tokens alone, on the docs the project path produced
+  datasets          load_dataset("json") → .map(tokenize, batched=True, num_proc=N) → .save_to_disk
+  datasets-neologdn the same, normalising each text with the project's neologdn normaliser
+                    in the map before tokenizing: the baseline doing project-neologdn's work
+  ceiling           SentencePieceProcessor.encode(batch, num_threads=N, return_type="numpy")
+                    over texts already in memory (ceiling-lists: the same, returning lists)
 
 MB/s are of input text bytes (the `text` fields, UTF-8). N = os.cpu_count(). Imports are
 done before the clock starts in every path. See bench/README.md.
@@ -42,7 +46,7 @@ NUM_SENTINELS = 100
 TOKENIZER_SAMPLE_LINES = 100_000
 CEILING_BATCH_DOCS = 1000
 RSS_POLL_S = 0.05
-PATHS = ("project", "tokens", "datasets", "ceiling", "ceiling-lists")
+PATHS = ("project", "project-neologdn", "tokens", "datasets", "datasets-neologdn", "ceiling", "ceiling-lists")
 
 
 # --- corpus and tokenizer, prepared once and cached in the work dir -------------------
@@ -134,18 +138,18 @@ def prepare_tokenizer(work_dir: Path, corpus: Path) -> Path:
 
 
 def build_data_config(corpus: Path, output_dir: Path, normalize: str | None):
-    """The default DataConfig on the corpus (`normalize`: another clean.normalize, to see its cost)."""
+    """The default DataConfig on the corpus, with another clean.normalize if given."""
     from data_prep.config import DataConfig
 
     clean = {"normalize": normalize} if normalize else {}
     return DataConfig(inputs=[{"path": str(corpus), "format": "jsonl"}], output_dir=str(output_dir), clean=clean)
 
 
-def child_project(args) -> dict:
+def child_project(args, normalize: str | None) -> dict:
     from data_prep.config import TokenizerConfig
     from data_prep.pipeline import run_prep
 
-    data = build_data_config(args.corpus, args.out, args.normalize)
+    data = build_data_config(args.corpus, args.out, normalize)
     start = time.perf_counter()
     summary = run_prep(data, TokenizerConfig(path=str(args.tokenizer)), pack_length=PACK_LENGTH, log=lambda *a: None)
     seconds = time.perf_counter() - start
@@ -168,17 +172,23 @@ def child_tokens(args) -> dict:
 _SP = None
 
 
-def tokenize_batch(batch: dict, spiece_path: str) -> dict:
-    """The baseline's map function: one SentencePiece per worker process, one thread each."""
+def tokenize_batch(batch: dict, spiece_path: str, normalize: bool) -> dict:
+    """The baseline's map function: one SentencePiece per worker process, one thread each;
+    with `normalize`, the project's neologdn normaliser first."""
     global _SP
     if _SP is None:
         import sentencepiece as spm
 
         _SP = spm.SentencePieceProcessor(model_file=spiece_path)
-    return {"input_ids": _SP.encode(batch["text"], num_threads=1)}
+    texts = batch["text"]
+    if normalize:
+        from data_prep.clean import normalize_neologdn
+
+        texts = [normalize_neologdn(text) for text in texts]
+    return {"input_ids": _SP.encode(texts, num_threads=1)}
 
 
-def child_datasets(args) -> dict:
+def child_datasets(args, normalize: bool) -> dict:
     import datasets
     from data_prep.tokenizer import SPIECE_FILE
 
@@ -187,7 +197,7 @@ def child_datasets(args) -> dict:
     start = time.perf_counter()
     ds = datasets.load_dataset("json", data_files=str(args.corpus), split="train", cache_dir=str(args.out / "cache"))
     ds = ds.map(tokenize_batch, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
-                fn_kwargs={"spiece_path": str(args.tokenizer / SPIECE_FILE)})
+                fn_kwargs={"spiece_path": str(args.tokenizer / SPIECE_FILE), "normalize": normalize})
     ds.save_to_disk(str(args.out / "saved"))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "num_docs": len(ds)}
@@ -210,7 +220,9 @@ def child_ceiling(args, return_type) -> dict:
 
 def run_child(args) -> None:
     children = {
-        "project": child_project, "tokens": child_tokens, "datasets": child_datasets,
+        "project": lambda a: child_project(a, "none"), "project-neologdn": lambda a: child_project(a, None),
+        "tokens": child_tokens,
+        "datasets": lambda a: child_datasets(a, False), "datasets-neologdn": lambda a: child_datasets(a, True),
         "ceiling": lambda a: child_ceiling(a, "numpy"), "ceiling-lists": lambda a: child_ceiling(a, int),
     }
     result = children[args.child](args)
@@ -233,15 +245,14 @@ def get_tree_rss(proc) -> int:
     return total
 
 
-def run_path(path: str, corpus: Path, tokenizer: Path, out: Path, docs: Path | None, log_file: Path,
-             normalize: str | None) -> dict:
+def run_path(path: str, corpus: Path, tokenizer: Path, out: Path, docs: Path | None, log_file: Path) -> dict:
     """One timed run of `path` in a fresh process: its result plus the peak RSS (MB) of its process tree."""
     import psutil
 
     result_file = out.with_suffix(".json")
     cmd = [sys.executable, __file__, "--child", path, "--corpus", str(corpus), "--tokenizer", str(tokenizer),
            "--out", str(out), "--result", str(result_file)]
-    cmd += (["--docs", str(docs)] if docs else []) + (["--normalize", normalize] if normalize else [])
+    cmd += ["--docs", str(docs)] if docs else []
     env = {**os.environ, "HF_DATASETS_CACHE": str(out / "cache"), "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log_file, "a") as log:
@@ -267,8 +278,8 @@ def sample_peak_rss(proc, child: subprocess.Popen) -> int:
 class Bench:
     """Runs the paths interleaved, `repeats` times each, and keeps every result."""
 
-    def __init__(self, corpus: Path, tokenizer: Path, work_dir: Path, repeats: int, normalize: str | None):
-        self.corpus, self.tokenizer, self.repeats, self.normalize = corpus, tokenizer, repeats, normalize
+    def __init__(self, corpus: Path, tokenizer: Path, work_dir: Path, repeats: int):
+        self.corpus, self.tokenizer, self.repeats = corpus, tokenizer, repeats
         self.tmp = Path(tempfile.mkdtemp(prefix="runs-", dir=work_dir))
         self.log_file = work_dir / "bench.log"
         self.docs: Path | None = None  # the project path's docs, input of the tokens path
@@ -285,7 +296,7 @@ class Bench:
         if path == "tokens" and self.docs is None:
             self.docs = write_plain_docs(self.corpus, self.tmp / "plain-docs")
         out = self.tmp / f"{path}-{repeat}"
-        result = run_path(path, self.corpus, self.tokenizer, out, self.docs, self.log_file, self.normalize)
+        result = run_path(path, self.corpus, self.tokenizer, out, self.docs, self.log_file)
         if path == "project" and "error" not in result and self.docs is None:
             self.docs = out / "docs"  # kept for the tokens path
         elif path != "tokens":
@@ -348,49 +359,46 @@ def print_table(summary: dict[str, dict], text_bytes: int, scale: int) -> None:
 
 
 def print_project_breakdown(results: dict[str, list[dict]]) -> None:
-    """Where the project path's time goes, from the docs manifest's wall times (median of the runs)."""
-    runs = [r for r in results.get("project", []) if r.get("docs_units_s") is not None]
-    if not runs:
-        return
-    units = statistics.median(r["docs_units_s"] for r in runs)
-    merge = statistics.median(r["docs_merge_s"] for r in runs)
-    rest = statistics.median(r["seconds"] - r["docs_units_s"] - r["docs_merge_s"] for r in runs)
-    print(f"project breakdown: docs units {units:.2f} s (read, clean, filter, hash), docs merge {merge:.2f} s, "
-          f"tokenizer copy + tokens stage {rest:.2f} s")
+    """Where each project path's time goes, from the docs manifest's wall times (median of the runs)."""
+    for path in ("project", "project-neologdn"):
+        runs = [r for r in results.get(path, []) if r.get("docs_units_s") is not None]
+        if not runs:
+            continue
+        units = statistics.median(r["docs_units_s"] for r in runs)
+        merge = statistics.median(r["docs_merge_s"] for r in runs)
+        rest = statistics.median(r["seconds"] - r["docs_units_s"] - r["docs_merge_s"] for r in runs)
+        print(f"{path} breakdown: docs units {units:.2f} s (read, clean, filter, hash, encode), docs merge "
+              f"{merge:.2f} s, tokenizer copy + packing {rest:.2f} s")
 
 
-def print_goals(summary: dict[str, dict], rss: dict[int, float] | None) -> None:
-    project = summary.get("project", {})
-    label = "project"
-    if "mb_s" not in project:  # the pipeline is broken: fall back to the tokens stage
-        project, label = summary.get("tokens", {}), "tokens stage (project path FAILED)"
-    base, ceiling = summary.get("datasets", {}).get("mb_s"), summary.get("ceiling", {}).get("mb_s")
+def print_goals(summary: dict[str, dict], rss: dict[str, dict[int, float]] | None) -> None:
+    """The data-prep issue's goals, each project path against the baseline doing the same work."""
+    ceiling = summary.get("ceiling", {}).get("mb_s")
     print()
-    if "mb_s" in project and base:
-        print(f"{label}/datasets = {project['mb_s'] / base:.2f} (goal ≥ 1.5)")
-    if "mb_s" in project and ceiling:
-        print(f"{label}/ceiling = {project['mb_s'] / ceiling:.2f} (goal ≥ 0.80)")
-    tokens = summary.get("tokens", {})
-    if "mb_s" in tokens and base and ceiling and label == "project":
-        print(f"(tokens stage alone: /datasets = {tokens['mb_s'] / base:.2f}, /ceiling = {tokens['mb_s'] / ceiling:.2f})")
-    if rss:
-        print(f"peak RSS 1x {rss[1]:.0f} MB, 4x {rss[4]:.0f} MB (goal < 1500 MB, flat)")
-    elif "peak_rss_mb" in project:
-        print(f"peak RSS 1x {project['peak_rss_mb']:.0f} MB (goal < 1500 MB; --rss-check adds the 4x corpus)")
+    for path, baseline, goal in (("project", "datasets", "goal ≥ 1.5"), ("project-neologdn", "datasets-neologdn", "")):
+        mb_s, base = summary.get(path, {}).get("mb_s"), summary.get(baseline, {}).get("mb_s")
+        if mb_s and base:
+            print(f"{path}/{baseline} = {mb_s / base:.2f}" + (f" ({goal})" if goal else " (same work)"))
+        if mb_s and ceiling:
+            print(f"{path}/ceiling = {mb_s / ceiling:.2f}" + (" (goal ≥ 0.80)" if path == "project" else ""))
+    tokens = summary.get("tokens", {}).get("mb_s")
+    base = summary.get("datasets", {}).get("mb_s")
+    if tokens and base and ceiling:
+        print(f"(tokens stage alone: /datasets = {tokens / base:.2f}, /ceiling = {tokens / ceiling:.2f})")
+    for path, peaks in (rss or {}).items():
+        print(f"{path}: peak RSS 1x {peaks[1]:.0f} MB, 4x {peaks[4]:.0f} MB (goal < 1500 MB, flat)")
+    if not rss and "peak_rss_mb" in summary.get("project", {}):
+        print(f"project: peak RSS 1x {summary['project']['peak_rss_mb']:.0f} MB (--rss-check adds the 4x corpus)")
 
 
-def run_rss_check(work_dir: Path, tokenizer: Path, normalize: str | None) -> dict[int, float]:
-    """Peak RSS of the project path on the corpus and on 4 copies of it, one run each."""
-    print("\nRSS check: the project path at 1x and 4x the corpus", flush=True)
-    peaks = {}
+def run_rss_check(work_dir: Path, tokenizer: Path) -> dict[str, dict[int, float]]:
+    """Peak RSS of both project paths on the corpus and on 4 copies of it, one run each."""
+    print("\nRSS check: the project paths at 1x and 4x the corpus", flush=True)
+    peaks: dict[str, dict[int, float]] = {}
     for scale in (1, 4):
-        corpus = prepare_corpus(work_dir, scale)
-        bench = Bench(corpus, tokenizer, work_dir, 1, normalize)
-        run = bench.run(["project"])["project"][0]
-        peaks[scale] = run.get("peak_rss_mb", float("nan"))
-    print(f"{'scale':6s} {'peak RSS MB':>12s}")
-    for scale, peak in peaks.items():
-        print(f"{scale:<6d} {peak:12.0f}")
+        bench = Bench(prepare_corpus(work_dir, scale), tokenizer, work_dir, 1)
+        for path, runs in bench.run(["project", "project-neologdn"]).items():
+            peaks.setdefault(path, {})[scale] = runs[0].get("peak_rss_mb", float("nan"))
     return peaks
 
 
@@ -400,8 +408,6 @@ def parse_args(argv=None):
     parser.add_argument("--scale", type=int, default=1, help="replicate the corpus K times (marked copies)")
     parser.add_argument("--rss-check", action="store_true", help="also run the project path at 1x and 4x the corpus")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
-    parser.add_argument("--normalize", choices=["neologdn", "nfkc", "none"],
-                        help="clean.normalize of the project path (default: DataConfig's)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-prep", help="cache and scratch directory")
     for internal in ("--child", "--corpus", "--tokenizer", "--out", "--result", "--docs"):
         parser.add_argument(internal, help=argparse.SUPPRESS, type=None if internal == "--child" else Path)
@@ -417,9 +423,9 @@ def main(argv=None) -> None:
     tokenizer = prepare_tokenizer(args.work_dir, prepare_base_corpus(args.work_dir))
     text_bytes = get_text_bytes(corpus)
     print(f"corpus {corpus} ({text_bytes / 1e6:.1f} MB of text), tokenizer {tokenizer}, {args.repeats} repeats", flush=True)
-    results = Bench(corpus, tokenizer, args.work_dir, args.repeats, args.normalize).run(args.paths.split(","))
+    results = Bench(corpus, tokenizer, args.work_dir, args.repeats).run(args.paths.split(","))
     summary = summarize(results, text_bytes)
-    rss = run_rss_check(args.work_dir, tokenizer, args.normalize) if args.rss_check else None
+    rss = run_rss_check(args.work_dir, tokenizer) if args.rss_check else None
     print_table(summary, text_bytes, args.scale)
     print_project_breakdown(results)
     print_goals(summary, rss)
