@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast bench-prep clean
+.PHONY: setup quickstart test test-fast bench-prep bench-train clean
 
 setup: $(STAMP)
 
@@ -37,10 +37,13 @@ test-fast: setup
 	$(PY) -m pytest -ra -m "not multiproc and not service"
 
 # Data-prep throughput vs Hugging Face datasets and the raw SentencePiece ceiling (minutes).
-# BENCH_ARGS="--normalize none" measures the same work as the baseline (no cleaning).
 BENCH_ARGS ?=
 bench-prep: setup
 	$(PY) bench/data_prep.py --rss-check $(BENCH_ARGS)
+
+# Trainer tokens/s vs a bare DeepSpeed loop; checkpoint save rate vs the disk (~15 minutes).
+bench-train: setup
+	$(PY) bench/train.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
