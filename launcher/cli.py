@@ -1,6 +1,8 @@
-"""`t5ja`: the command line. Exit codes: 0 done, 1 unreadable input data, 2 bad job file or
-arguments, 75 training stopped for preemption (checkpoint written: run the same command
-again), otherwise the failing stage's own code (torchrun's for training)."""
+"""`t5ja`: the command line. Exit codes: 0 done, 1 unreadable input data (or a checkpoint that
+cannot be converted), 2 bad job file or arguments, 3 training stopped at a non-finite loss
+(train.nonfinite_loss=stop), 75 training stopped for preemption
+(checkpoint written: run the same command again), otherwise the failing stage's own code
+(torchrun's for training)."""
 
 from __future__ import annotations
 
@@ -57,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest usable one)")
     export.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export)")
+
+    checkpoint = sub.add_parser("checkpoint", help="operate on a run's checkpoints (convert)",
+                                description="Operate on the checkpoints of a run directory.")
+    checkpoint_sub = checkpoint.add_subparsers(dest="checkpoint_command", required=True, metavar="ACTION")
+    convert = checkpoint_sub.add_parser(
+        "convert", help="write the universal form of a checkpoint, to resume on another number of ranks",
+        description="Convert a checkpoint of RUN_DIR into DeepSpeed's universal form (STEP_DIR/universal), "
+                    "which `t5ja train` loads when the run resumes on another data-parallel size. Training "
+                    "does this itself on rank 0; converting ahead of time keeps the other ranks from "
+                    "waiting. Exit codes: 0 done, 1 the checkpoint cannot be converted, 2 no such run "
+                    "directory or checkpoint.")
+    convert.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
+    convert.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest usable one)")
+    convert.add_argument("--workers", type=int, default=1, help="processes extracting and merging the shards")
 
     validate = sub.add_parser("validate", help="check job files and print every problem",
                               description="Validate each JOB file (with overrides) and report every problem.")
@@ -125,6 +141,33 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_checkpoint(args) -> int:
+    from trainer import checkpoint as ckpt
+    from trainer.config import load_worker_config
+    from trainer.export import choose_tag
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").is_file():
+        print(f"error: {run_dir}: not a run directory (no config.json)", file=sys.stderr)
+        return EXIT_CONFIG
+    verify = load_worker_config(run_dir / "config.json").checkpoint.verify
+    try:
+        path = ckpt.checkpoints_dir(run_dir) / choose_tag(run_dir, args.step, verify)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        out = ckpt.ensure_universal(path, verify, num_workers=args.workers)
+    except Exception as err:  # noqa: BLE001 - DeepSpeed's converter raises anything, asserts included
+        print(f"error: {path}: cannot convert it to a universal checkpoint: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return EXIT_DATA
+    topology = ckpt.get_saved_topology(path)
+    print(f"universal checkpoint: {out} (saved with data-parallel size {topology['dp_world_size']}; loads with "
+          "any)")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from launcher.quickstart import run_quickstart
 
@@ -132,7 +175,7 @@ def cmd_quickstart(args) -> int:
 
 
 COMMANDS = {"prep": cmd_prep, "train": cmd_train, "quickstart": cmd_quickstart, "validate": cmd_validate,
-            "export": cmd_export}
+            "export": cmd_export, "checkpoint": cmd_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

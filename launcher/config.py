@@ -29,12 +29,16 @@ class LauncherConfig(BaseModel):
     backend: Literal["local"] = Field("local", description="local: torchrun on this machine")
     nnodes: int = Field(1, ge=1, description="number of nodes (the local backend runs one)")
     nproc_per_node: int = Field(1, ge=1, description="training processes per node (one per GPU)")
-    max_restarts: int = Field(0, ge=0, description="torchrun --max-restarts: restarts of all workers after a failure")
+    max_restarts: int = Field(
+        0, ge=0, description="torchrun --max-restarts: times all workers are restarted after one fails; "
+                             "they resume from checkpoints/latest (docs/resilience.md)"
+    )
     shutdown_timeout_s: int = Field(
         120, ge=1, description="on SIGTERM/SIGUSR1, seconds torchrun gives workers to checkpoint before SIGKILL"
     )
     master_port: int | None = Field(
-        None, ge=1, le=65535, description="rendezvous port; default: torchrun --standalone picks a free one"
+        None, ge=1, le=65535,
+        description="rendezvous port (torchrun --rdzv-endpoint 127.0.0.1:PORT); default: --standalone picks a free one"
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from data_prep import layout
 from launcher.config import JobConfig
 from launcher.ds_config import BatchSizes, fill_ds_config, read_ds_config
+from trainer import nonfinite
 from trainer.config import RunInfo
 from trainer.preemption import EXIT_PREEMPTED, clear_marker, read_marker
 
@@ -57,12 +58,18 @@ def torchrun_command(job: JobConfig, config_path: Path) -> list[str]:
     if launcher.master_port is None:
         cmd.append("--standalone")
     else:
-        cmd += ["--master-addr", "127.0.0.1", "--master-port", str(launcher.master_port)]
+        # c10d, not the static rendezvous of --master-port: static keeps one store for every
+        # restart round whatever the environment says (see worker_env).
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{launcher.master_port}"]
     return cmd + ["-m", "trainer", str(config_path)]
 
 
 def worker_env(job: JobConfig) -> dict[str, str]:
-    env = {}
+    # torch >= 2.5 shares the rendezvous TCPStore with the workers and keeps it across
+    # --max-restarts rounds: a restarted round then finds the dead round's gloo/NCCL
+    # addresses under the same keys and fails with "Connection refused" (pytorch#135712).
+    # Without sharing, each round's rank 0 hosts a fresh store on a fresh port.
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA and fail
     if "OMP_NUM_THREADS" not in os.environ:
@@ -102,8 +109,10 @@ def _write_json(path: Path, value: dict) -> None:
 
 def launch_local(plan: RunPlan) -> int:
     """Run torchrun; SIGTERM/SIGUSR1/SIGINT sent to us are passed on to it (and by it to the
-    workers, which checkpoint). Returns EXIT_PREEMPTED when the workers stopped for preemption."""
+    workers, which checkpoint). Returns EXIT_PREEMPTED when the workers stopped for preemption,
+    EXIT_NONFINITE_LOSS when they stopped for a NaN/inf loss, else torchrun's code."""
     clear_marker(plan.run_dir)
+    nonfinite.clear_marker(plan.run_dir)
     child = subprocess.Popen(plan.command, env={**os.environ, **plan.env})
 
     def forward(signum, frame):
@@ -115,5 +124,29 @@ def launch_local(plan: RunPlan) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    # torchrun's own exit code after a signal says "failed"; the workers' marker says why.
-    return EXIT_PREEMPTED if read_marker(plan.run_dir) is not None else code
+    code = get_exit_code(plan.run_dir, code)
+    if code not in (0, EXIT_PREEMPTED):
+        print(f"error: {describe_failure(plan, code)}", file=sys.stderr)
+    return code
+
+
+def get_exit_code(run_dir: Path, torchrun_code: int) -> int:
+    """torchrun exits 1 whatever its workers' codes were; the workers' marker says why."""
+    if read_marker(run_dir) is not None:
+        return EXIT_PREEMPTED
+    if nonfinite.read_marker(run_dir) is not None:
+        return nonfinite.EXIT_NONFINITE_LOSS
+    return torchrun_code
+
+
+def describe_failure(plan: RunPlan, code: int) -> str:
+    from trainer.checkpoint import get_latest_tag
+
+    stopped = nonfinite.read_marker(plan.run_dir)
+    if stopped is not None:
+        return stopped["message"]
+    latest = get_latest_tag(plan.run_dir)
+    resumes = latest and plan.config["checkpoint"]["resume"]
+    resume = f" Running the same command again resumes from {latest}." if resumes else ""
+    return (f"training failed (torchrun exit code {code}) with launcher.max_restarts="
+            f"{plan.config['launcher']['max_restarts']}; the ranks' logs are in {plan.run_dir / 'logs'}.{resume}")

@@ -1,15 +1,23 @@
-"""Pure logic of the trainer: data order, batch plan, LR schedule, presets, param flattening."""
+"""Pure logic of the trainer: data order, batch plan, LR schedule, presets, param flattening,
+the non-finite-loss policy, fault-injection hooks, the restart store prefix."""
 
 from __future__ import annotations
+
+import math
+import signal
 
 import numpy as np
 import pytest
 import torch
 
+from trainer import faults
+from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
 from trainer.data import BatchPlan, SampleOrder, TokenWindows
+from trainer.distributed import get_store_prefix
 from trainer.metrics import flatten
 from trainer.model import ModelConfig, build_model, build_model_config
+from trainer.nonfinite import get_stop_reason
 from trainer.optim import lr_factor
 
 
@@ -80,3 +88,50 @@ def test_token_windows_read_data_prep_shards(neko_data):
 def test_token_windows_missing_manifest_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `t5ja prep`"):
         TokenWindows(tmp_path)
+
+
+def test_nonfinite_policy_skips_up_to_the_bound_then_stops():
+    assert get_stop_reason("stop", num_skipped=0, max_skips=20) == "train.nonfinite_loss=stop"
+    assert get_stop_reason("skip", num_skipped=0, max_skips=2) is None
+    assert get_stop_reason("skip", num_skipped=1, max_skips=2) is None
+    assert "train.max_nonfinite_skips=2" in get_stop_reason("skip", num_skipped=2, max_skips=2)
+    assert get_stop_reason("skip", num_skipped=0, max_skips=0) is not None  # 0: never skip
+
+
+def test_train_state_of_older_checkpoints_loads_without_nonfinite_skips():
+    older = {"step": 30, "consumed_samples": 480, "consumed_tokens": 67680, "restarts": [], "mlflow_run_id": None}
+    assert TrainState(**older).nonfinite_skips == 0
+
+
+def test_fault_hooks_act_on_the_last_rank_only():
+    env = {faults.CRASH_AT_STEP: "15", faults.NONFINITE_AT_STEPS: "12, 13"}
+    assert faults.Faults.from_env(rank=0, world_size=2, env=env) == faults.Faults()
+    last = faults.Faults.from_env(rank=1, world_size=2, env=env)
+    assert last == faults.Faults(15, frozenset({12, 13}))
+    assert faults.Faults.from_env(rank=1, world_size=2, env={}) == faults.Faults()
+    loss = torch.tensor(2.0)
+    assert math.isnan(last.maybe_nonfinite(loss, step=12, micro_step=0))
+    assert last.maybe_nonfinite(loss, step=12, micro_step=1) == 2.0  # one NaN per step is enough
+    assert last.maybe_nonfinite(loss, step=14, micro_step=0) == 2.0
+
+
+def test_crash_hook_fires_in_the_first_torchrun_round_only(monkeypatch):
+    kills = []
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: kills.append(sig))
+    hooks = faults.Faults(crash_at_step=15)
+    hooks.maybe_crash(14)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    hooks.maybe_crash(15)
+    assert kills == []
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    hooks.maybe_crash(15)
+    assert kills == [signal.SIGKILL]
+
+
+def test_restart_on_a_shared_store_gets_a_prefix_of_its_own():
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert get_store_prefix({**shared, "TORCHELASTIC_RESTART_COUNT": "0"}) is None  # first round: fresh keys
+    assert get_store_prefix({**shared, "TORCHELASTIC_RESTART_COUNT": "2"}) == "t5ja/restart_2/"
+    # what the launcher arranges (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): a new store per round
+    assert get_store_prefix({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RESTART_COUNT": "2"}) is None
+    assert get_store_prefix({}) is None  # not under torchrun

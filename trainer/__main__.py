@@ -7,6 +7,7 @@ import sys
 
 from trainer.distributed import die_with_parent, init_distributed, setup_logging
 from trainer.config import load_worker_config
+from trainer.nonfinite import EXIT_NONFINITE_LOSS, NonFiniteLoss
 from trainer.preemption import EXIT_PREEMPTED, Preempted
 
 
@@ -26,6 +27,10 @@ def main(argv: list[str]) -> int:
     except Preempted:
         trainer.close("KILLED")
         return EXIT_PREEMPTED
+    except NonFiniteLoss as err:  # a policy decision, not a crash: the message, no traceback
+        logging.getLogger("trainer").error("%s", err)
+        trainer.close("FAILED")
+        return EXIT_NONFINITE_LOSS
     except KeyboardInterrupt:
         trainer.close("KILLED")
         raise

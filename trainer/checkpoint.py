@@ -5,7 +5,11 @@ Layout:
         config.json                       a copy of the resolved job
         train_state.json                  TrainState (rank 0)
         rng_rank<R>.pt                    each rank's RNG states
-        manifest.json                     every file's size and sha256, written last
+        manifest.json                     every file's size and sha256, and the writer's topology
+                                          (world size, data-parallel size, ZeRO stage); written last
+        universal/                        added on the first resume on another number of ranks:
+                                          DeepSpeed's universal form of the step (trainer/universal.py),
+                                          with a manifest of its own
     RUN_DIR/checkpoints/latest            the newest complete tag
 
 A checkpoint becomes visible only when complete on every rank: all ranks write into
@@ -13,6 +17,11 @@ A checkpoint becomes visible only when complete on every rank: all ranks write i
 and moves `latest` (write temp, fsync, rename). DeepSpeed's own `latest` is not used: it is
 written before DeepSpeed's final barrier and not atomically. A crash at any point leaves the
 previous checkpoint as `latest`.
+
+Resuming on another data-parallel size (or ZeRO stage) than the checkpoint's loads its
+universal form, converted once by rank 0 into `universal.staging` and renamed into place
+(`t5ja checkpoint convert` does the same ahead of time). Batches do not depend on the world
+size (trainer/data.py), so only the engine state needs re-partitioning; see docs/world_size.md.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,10 +42,13 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainer import universal
+
 log = logging.getLogger("trainer.checkpoint")
 
 STAGING_SUFFIX = ".staging"
 MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # the subdirectory of a step that holds its universal form
 
 
 class CheckpointConfig(BaseModel):
@@ -59,6 +72,9 @@ class TrainState:
     consumed_tokens: int = 0  # packed-window tokens consumed, all ranks together
     restarts: list[int] = field(default_factory=list)  # steps at which the job was resumed
     mlflow_run_id: str | None = None  # the job's MLflow run (also in RUN_DIR/mlflow_run_id)
+    nonfinite_skips: int = 0  # steps whose update was skipped for a NaN/inf loss (train.nonfinite_loss=skip)
+    # resumes on another number of data-parallel ranks: {"step", "from_world_size", "to_world_size"}
+    world_size_changes: list[dict] = field(default_factory=list)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -107,24 +123,31 @@ def save_checkpoint(engine, run_dir: Path, state: TrainState, resolved_config: P
     if dist.get_rank() == 0:
         _write_json(staging / "train_state.json", asdict(state))
         shutil.copy2(resolved_config, staging / "config.json")
-        publish(staging, ckpt_dir / tag)
+        publish(staging, ckpt_dir / tag, topology=universal.get_topology(engine))
         prune(ckpt_dir, cfg)
     dist.barrier()
     return tag
 
 
-def publish(staging: Path, final: Path) -> None:
+def publish(staging: Path, final: Path, topology: dict | None = None) -> None:
     """Manifest, then rename, then `latest`: each step durable before the next."""
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
-    manifest = {"files": [{"path": str(p.relative_to(staging)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
-                          for p in files]}
-    _write_json(staging / MANIFEST, manifest)
-    _fsync_tree(staging)
+    write_manifest(staging, topology)
     if final.exists():  # a complete checkpoint of the same step (a rerun of it): replaced
         shutil.rmtree(final)
     staging.rename(final)
     _fsync_dir(final.parent)
     write_atomic(final.parent / "latest", final.name + "\n")
+
+
+def write_manifest(staging: Path, topology: dict | None = None) -> None:
+    """Every file's size and sha256 (plus the writer's topology), then fsync all of it."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    manifest = {"files": [{"path": str(p.relative_to(staging)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+                          for p in files]}
+    if topology is not None:
+        manifest["topology"] = topology
+    _write_json(staging / MANIFEST, manifest)
+    _fsync_tree(staging)
 
 
 def prune(ckpt_dir: Path, cfg: CheckpointConfig) -> None:
@@ -178,16 +201,96 @@ def choose_resume_tag(run_dir: Path, verify: str) -> str | None:
                        "set checkpoint.resume=false to start over")
 
 
-def load_checkpoint(engine, run_dir: Path, tag: str) -> TrainState:
-    """Collective. Loads `tag` into the engine and this rank's RNG; returns the TrainState."""
+def load_checkpoint(engine, run_dir: Path, tag: str, verify: str = "sha256") -> TrainState:
+    """Collective. Loads `tag` into the engine and this rank's RNG; returns the TrainState.
+
+    A checkpoint of another data-parallel size or ZeRO stage is loaded through its universal
+    form (converted here by rank 0 if needed; `verify` checks an existing one).
+    """
     path = checkpoints_dir(run_dir) / tag
-    loaded, _ = engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
-    if loaded is None:
-        raise RuntimeError(f"{path}: DeepSpeed could not load it")
+    state = TrainState(**json.loads((path / "train_state.json").read_text()))
+    saved, current = get_saved_topology(path), universal.get_topology(engine)
+    reason = universal.get_resize_reason(saved, current)
+    if reason is None:
+        loaded, _ = engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
+        if loaded is None:
+            raise RuntimeError(f"{path}: DeepSpeed could not load it")
+    else:
+        # The batches of step k are samples [k*G, (k+1)*G) on any world size (trainer/data.py).
+        log.warning("checkpoint %s was %s: loading its universal form (weights and the whole optimizer "
+                    "state, re-partitioned; LR schedule as saved); the data continue at global sample %d "
+                    "(step %d); see docs/world_size.md", tag, reason, state.consumed_samples, state.step)
+        universal.load(engine, ensure_universal_all_ranks(path, verify))
+        if saved["dp_world_size"] != current["dp_world_size"]:
+            state.world_size_changes.append({"step": state.step, "from_world_size": saved["dp_world_size"],
+                                             "to_world_size": current["dp_world_size"]})
+    load_rng_state(path, state.step)
+    return state
+
+
+def load_rng_state(path: Path, step: int) -> None:
+    """This rank's saved RNG states; a rank that has none (resuming on more ranks than saved)
+    is seeded from (train.seed, step, rank) instead. Data are unaffected either way: the
+    sample order and span-corruption masks are seeded per sample (trainer/data.py); the RNG
+    streams drive only dropout."""
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-    if rng_file.is_file():  # absent when resuming on more ranks than saved
+    if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return TrainState(**json.loads((path / "train_state.json").read_text()))
+        return
+    train_seed = json.loads((path / "config.json").read_text())["train"]["seed"]
+    seed = universal.fallback_rng_seed(train_seed, step, dist.get_rank())
+    log.warning("%s: no RNG state for rank %d (saved by fewer ranks); seeding it with %d, from "
+                "(train.seed=%d, step=%d, rank=%d)", path.name, dist.get_rank(), seed, train_seed, step,
+                dist.get_rank())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_saved_topology(path: Path) -> dict:
+    """The world size, data-parallel size and ZeRO stage that wrote the checkpoint at `path`."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    return manifest.get("topology") or universal.infer_topology(path)
+
+
+def ensure_universal(path: Path, verify: str, num_workers: int = 1) -> Path:
+    """The universal form of the checkpoint at `path`, converted unless a verified one exists.
+
+    Atomic like a save: written into `universal.staging`, manifest, rename; a crash leaves no
+    half conversion visible, and a later call starts it again.
+    """
+    final = path / UNIVERSAL
+    if final.is_dir():
+        problems = get_checkpoint_problems(final, verify)
+        if not problems:
+            return final
+        log.error("%s is unusable, converting again:\n  %s", final, "\n  ".join(problems))
+        shutil.rmtree(final)
+    staging = path / (UNIVERSAL + STAGING_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a conversion that crashed
+    start = time.perf_counter()
+    universal.convert(path, staging, num_workers)
+    write_manifest(staging)
+    staging.rename(final)
+    _fsync_dir(path)
+    log.info("converted %s to a universal checkpoint in %.1f s", path.name, time.perf_counter() - start)
+    return final
+
+
+def ensure_universal_all_ranks(path: Path, verify: str) -> Path:
+    """Collective: rank 0 converts while the others wait; a failure is raised on every rank."""
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            ensure_universal(path, verify)
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            log.exception("universal conversion of %s failed", path)
+            outcome[0] = f"{type(err).__name__}: {err}"
+    dist.broadcast_object_list(outcome, src=0)  # also the barrier: the others wait for rank 0 here
+    if outcome[0] is not None:
+        raise RuntimeError(f"{path}: cannot convert it to a universal checkpoint ({outcome[0]}); resume on "
+                           "the world size that wrote it, or see docs/world_size.md")
+    return path / UNIVERSAL
 
 
 def resume_tag_all_ranks(run_dir: Path, verify: str) -> str | None:

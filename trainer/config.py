@@ -43,6 +43,14 @@ class TrainConfig(BaseModel):
     )
     seed: int = Field(42, description="seeds model init, data order and span-corruption masks")
     log_every: int = Field(10, gt=0, description="log metrics every this many optimizer steps")
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="a step whose loss is NaN/inf on any rank: stop there (exit code 3, that step not "
+                            "saved, `latest` stays the checkpoint before it) or skip its update on every rank (its "
+                            "batch is not retried); see docs/resilience.md"
+    )
+    max_nonfinite_skips: int = Field(
+        20, ge=0, description="with nonfinite_loss=skip: steps the run may skip in all; the next non-finite step stops"
+    )
 
 
 class RunInfo(BaseModel):

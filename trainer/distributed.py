@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -48,10 +49,69 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def get_restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (0 in the first round)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def init_distributed() -> None:
     """gloo on the CPU accelerator, NCCL on CUDA; env:// rendezvous set by torchrun."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     backend = "gloo" if get_accelerator().device_name() == "cpu" else "nccl"
-    deepspeed.init_distributed(dist_backend=backend)
+    prefix = get_store_prefix(os.environ)
+    if prefix is not None:
+        _init_process_group_with_prefix(backend, prefix)
+    deepspeed.init_distributed(dist_backend=backend)  # adopts an initialised process group
+
+
+def get_store_prefix(env: Mapping[str, str]) -> str | None:
+    """A key prefix for this round's process group when torchrun restarted the workers on a
+    store that outlives rounds; None when the store is fresh.
+
+    torch >= 2.5 lets the workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE),
+    and the same store serves every restart round without a per-round prefix: the new ranks
+    read the dead ranks' gloo/NCCL addresses and fail in connectFullMesh with "Connection
+    refused" (pytorch/pytorch#135712). The launcher sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+    which gives each rendezvous round a fresh store; the prefix is for other torchrun lines.
+    The restart count is exact on one node only (each agent counts its own restarts), so
+    multi-node jobs need that variable.
+    """
+    restarts = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts == 0:
+        return None
+    return f"t5ja/restart_{restarts}/"
+
+
+def _init_process_group_with_prefix(backend: str, prefix: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    logging.getLogger("trainer").warning(
+        "torchrun restart %d on the agent's shared store: process-group keys under %r "
+        "(multi-node jobs: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)", get_restart_count(), prefix)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False)
+    kwargs = {}
+    if backend == "nccl":  # as DeepSpeed does: bind the device up front
+        kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
+                            **kwargs)
+
+
+def ranks_flagging(flag: bool) -> list[int]:
+    """Collective: the ranks on which `flag` is True, the same list on every rank.
+
+    One all-reduce of a world-size vector of int32, on the accelerator so that NCCL can
+    carry it. Reading the result waits for the device: a sync point, for step boundaries.
+    """
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=get_accelerator().current_device_name())
+    flags[dist.get_rank()] = int(flag)
+    dist.all_reduce(flags)
+    return flags.nonzero().flatten().tolist()

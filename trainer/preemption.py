@@ -11,8 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from trainer.distributed import ranks_flagging
 
 log = logging.getLogger("trainer.preemption")
 
@@ -39,10 +38,8 @@ class PreemptionWatch:
         self.signal = signum
 
     def agreed(self) -> bool:
-        """Collective: True on every rank when any rank was signalled (one 4-byte all-reduce)."""
-        flag = torch.tensor([1 if self.signal is not None else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Collective: True on every rank when any rank was signalled."""
+        return bool(ranks_flagging(self.signal is not None))
 
 
 def write_marker(run_dir: Path, step: int, tag: str, signum: int | None) -> None:

@@ -1,6 +1,6 @@
 """The training loop: one DeepSpeed engine, span-corruption batches, named steps.
 
-    while step < steps: train_step -> maybe_log -> maybe_checkpoint
+    while step < steps: train_step -> maybe_log -> maybe_checkpoint -> maybe_stop_for_preemption
     then: final checkpoint -> Hugging Face export (checked against the engine) -> close
 """
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +19,15 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
+from trainer import nonfinite
 from trainer.config import WorkerConfig
 from trainer.data import BatchPlan, SampleOrder, TokenWindows
+from trainer.distributed import get_restart_count, ranks_flagging
+from trainer.faults import Faults
 from trainer.metrics import MetricLogger, build_metric_logger, flatten
 from trainer.model import build_model
 from trainer.optim import build_optimizer, build_scheduler, lr_factor
-from trainer.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, write_marker
+from trainer.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.span_corruption import SpanCorruptionCollator, sample_seed
 
 log = logging.getLogger("trainer")
@@ -49,7 +54,12 @@ class Trainer:
         self._build_engine()
         self.logger: MetricLogger | None = self._build_logger() if self.rank == 0 else None
         self.preemption = PreemptionWatch()
+        self.faults = Faults.from_env(self.rank, dist.get_world_size())
         self._window = _LogWindow()
+        if self.rank == 0:
+            # A torchrun restart round starts here too: the last round's verdict is stale.
+            clear_marker(self.run_dir)
+            nonfinite.clear_marker(self.run_dir)
 
     # ---- construction -------------------------------------------------------------
     def _build_data(self) -> None:
@@ -106,8 +116,7 @@ class Trainer:
     def train(self) -> None:
         self.maybe_resume()
         while self.state.step < self.cfg.train.steps:
-            loss, data_s, step_s = self.train_step()
-            self.maybe_log(loss, data_s, step_s)
+            self.maybe_log(self.train_step())
             self.maybe_checkpoint()
             self.maybe_stop_for_preemption()
         self.finish()
@@ -125,6 +134,9 @@ class Trainer:
         raise Preempted(tag)
 
     def maybe_resume(self) -> None:
+        if get_restart_count():
+            log.warning("torchrun restart %d of at most %s: the workers start again from the latest checkpoint",
+                        get_restart_count(), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
         if not self.cfg.checkpoint.resume:
             return
         tag = ckpt.resume_tag_all_ranks(self.run_dir, self.cfg.checkpoint.verify)
@@ -133,23 +145,57 @@ class Trainer:
             self.state.restarts.append(self.state.step)
             log.info("resumed from %s (step %d)", tag, self.state.step)
 
-    def train_step(self) -> tuple[torch.Tensor, float, float]:
+    def train_step(self) -> StepResult:
         """One optimizer step: forward/backward over every micro batch of this rank."""
         start = time.perf_counter()
-        data_s = 0.0
+        step = self.state.step + 1  # the step being computed, numbered as it will be logged
+        self.faults.maybe_crash(step)
+        data_s, skip = 0.0, False
         loss_sum = torch.zeros(())
         for micro_step in range(self.plan.accumulation_steps):
             t0 = time.perf_counter()
             batch = self.load_batch(self.state.step, micro_step, self.rank)
             data_s += time.perf_counter() - t0
-            loss = self.engine(**batch).loss
+            loss = self.faults.maybe_nonfinite(self.engine(**batch).loss, step, micro_step)
+            loss_sum += loss.detach().float()
+            if micro_step == self.plan.accumulation_steps - 1:
+                # Before the boundary's backward: the last point where the update can be dropped.
+                skip = self.check_nonfinite(loss_sum, step)
+                loss = nonfinite.poison(loss) if skip else loss
             self.engine.backward(loss)
             self.engine.step()
-            loss_sum += loss.detach().float()
+        if skip:
+            self.after_skipped_update(step)
         self.state.step += 1
         self.state.consumed_samples += self.plan.global_batch_size
         self.state.consumed_tokens += self.plan.global_batch_size * self.windows.pack_length
-        return loss_sum / self.plan.accumulation_steps, data_s, time.perf_counter() - start
+        return StepResult(loss_sum / self.plan.accumulation_steps, data_s, time.perf_counter() - start, skip)
+
+    def check_nonfinite(self, loss_sum: torch.Tensor, step: int) -> bool:
+        """Collective: True when every rank must skip this step's update. Raises NonFiniteLoss
+        (on every rank, after rank 0 wrote the marker) when the policy says stop."""
+        ranks = ranks_flagging(not bool(torch.isfinite(loss_sum)))
+        if not ranks:
+            return False
+        cfg = self.cfg.train
+        reason = nonfinite.get_stop_reason(cfg.nonfinite_loss, self.state.nonfinite_skips, cfg.max_nonfinite_skips)
+        if reason is None:
+            log.warning("step %d: non-finite loss on rank(s) %s: update skipped on every rank "
+                        "(train.nonfinite_loss=skip; %d skipped before, at most %d)", step,
+                        ", ".join(map(str, ranks)), self.state.nonfinite_skips, cfg.max_nonfinite_skips)
+            return True
+        err = nonfinite.NonFiniteLoss(step, ranks, reason, ckpt.get_latest_tag(self.run_dir))
+        if self.rank == 0:
+            nonfinite.write_marker(self.run_dir, err)
+        raise err
+
+    def after_skipped_update(self, step: int) -> None:
+        if self.engine.was_step_applied():  # a DeepSpeed without the overflow check: weights are NaN now
+            raise RuntimeError(f"step {step}: DeepSpeed applied an update with NaN gradients, so "
+                               "train.nonfinite_loss=skip cannot work with this DeepSpeed config "
+                               "(is its overflow check off?); use train.nonfinite_loss=stop")
+        self.engine.lr_scheduler.step()  # DeepSpeed does not on an overflow: keep lr a function of the step
+        self.state.nonfinite_skips += 1
 
     def load_batch(self, step: int, micro_step: int, rank: int) -> dict[str, torch.Tensor]:
         indices = self.plan.micro_batch_indices(step, micro_step, rank)
@@ -157,8 +203,8 @@ class Trainer:
         seeds = [sample_seed(self.cfg.train.seed, self.order.epoch_of(int(g)), int(g)) for g in indices]
         return self.collator(windows, seeds)
 
-    def maybe_log(self, loss: torch.Tensor, data_s: float, step_s: float) -> None:
-        self._window.add(loss, data_s, step_s)
+    def maybe_log(self, result: StepResult) -> None:
+        self._window.add(result)
         step = self.state.step
         if step % self.cfg.train.log_every and step != self.cfg.train.steps:
             return
@@ -169,6 +215,7 @@ class Trainer:
             "train/lr": self.cfg.train.lr * lr_factor(step - 1, self.cfg.train),  # of the last update
             "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "train/epoch": self.state.consumed_samples / len(self.windows),
+            "train/nonfinite_skips": self.state.nonfinite_skips,
         })
         self._window = _LogWindow()
         if self.logger is not None:
@@ -230,24 +277,36 @@ class Trainer:
             self.logger.close(status)
 
 
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over its micro batches
+    data_s: float
+    step_s: float
+    skipped: bool  # the update was dropped for a non-finite loss (on any rank)
+
+
 class _LogWindow:
     """Accumulates per-step figures between two log steps."""
 
     def __init__(self):
         self.loss_sum = torch.zeros(())
+        self.loss_steps = 0  # steps whose update was applied: a skipped step's NaN stays out of the mean
         self.steps = 0
         self.data_s = 0.0
         self.step_s = 0.0
 
-    def add(self, loss: torch.Tensor, data_s: float, step_s: float) -> None:
-        self.loss_sum += loss
+    def add(self, result: StepResult) -> None:
+        if not result.skipped:
+            self.loss_sum += result.loss
+            self.loss_steps += 1
         self.steps += 1
-        self.data_s += data_s
-        self.step_s += step_s
+        self.data_s += result.data_s
+        self.step_s += result.step_s
 
     def mean_loss_all_ranks(self) -> float:
+        """NaN when every step of the window was skipped."""
         # One collective per log step, not per step: ranks see different micro batches.
-        total = torch.stack([self.loss_sum, torch.tensor(float(self.steps))])
+        total = torch.stack([self.loss_sum, torch.tensor(float(self.loss_steps))])
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
 

@@ -1,0 +1,65 @@
+"""launcher.max_restarts -> torchrun --max-restarts: a rank that dies (SIGKILL, injected with
+T5JA_FAULT_CRASH_AT_STEP on rank 1 in the first round only) takes the job through a real
+torchrun restart, and the new workers resume from the latest checkpoint, exactly. Also the
+launcher's side of it: the torchrun line, its environment, the exit code it reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT
+from launcher.job import load_job
+from launcher.run import get_exit_code, plan_run, torchrun_command
+from test_nonfinite import run_with_faults
+from test_resume import assert_same_run, train_args
+from trainer import nonfinite, preemption
+
+
+def test_torchrun_gets_a_fresh_store_per_restart_round(tmp_path):
+    job = load_job(ROOT / "configs/quickstart.yaml", [f"output_dir={tmp_path}", "launcher.max_restarts=2"])
+    plan = plan_run(job)
+    assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert plan.command[plan.command.index("--max-restarts") + 1] == "2" and "--standalone" in plan.command
+    fixed = load_job(ROOT / "configs/quickstart.yaml", [f"output_dir={tmp_path}", "launcher.master_port=29411"])
+    command = torchrun_command(fixed, tmp_path / "config.json")
+    # c10d honours the variable; the static rendezvous of --master-port keeps one store for all rounds
+    assert "--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29411" in " ".join(command)
+    assert "--master-port" not in command
+
+
+def test_exit_code_comes_from_the_workers_marker(tmp_path):
+    assert get_exit_code(tmp_path, 1) == 1
+    err = nonfinite.NonFiniteLoss(12, [1], "train.nonfinite_loss=stop", "step_00000010")
+    nonfinite.write_marker(tmp_path, err)
+    assert get_exit_code(tmp_path, 1) == nonfinite.EXIT_NONFINITE_LOSS == 3
+    preemption.write_marker(tmp_path, 12, "step_00000012", None)
+    assert get_exit_code(tmp_path, 1) == preemption.EXIT_PREEMPTED
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("reference_run", ["zero2"], indirect=True)
+def test_rank_killed_at_step_15_fails_the_job_then_a_restart_resumes_exactly(reference_run, tmp_path, tiny_data):
+    stage, _, reference = reference_run
+    logs = tmp_path / "run/logs"
+    # Without restarts the dead rank ends the job, with a message that says what to do.
+    failed = run_with_faults(train_args(tmp_path, tiny_data, stage), T5JA_FAULT_CRASH_AT_STEP="15")
+    assert failed.returncode not in (0, 3, 75), failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "training failed (torchrun exit code 1) with launcher.max_restarts=0" in failed.stderr
+    assert "Running the same command again resumes from step_00000010." in failed.stderr
+    assert "torchrun restart" not in (logs / "rank_0.log").read_text()
+    # With one, the same crash (rank 1 dies again at step 15 of this command's first round) is
+    # survived: torchrun restarts both ranks, which resume from step 10 and finish the run.
+    result = run_with_faults(train_args(tmp_path, tiny_data, stage, "launcher.max_restarts=1"),
+                             T5JA_FAULT_CRASH_AT_STEP="15")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (logs / "rank_1.log").read_text().count("T5JA_FAULT_CRASH_AT_STEP=15: killing this rank (SIGKILL)") == 2
+    rank0 = (logs / "rank_0.log").read_text()
+    restart = rank0.index("torchrun restart 1 of at most 1")
+    assert "resumed from step_00000010 (step 10)" in rank0[restart:]
+    state = json.loads((tmp_path / "run/checkpoints/step_00000040/train_state.json").read_text())
+    # Both resumes (the command's, then torchrun's) loaded step 10, whose state had none yet.
+    assert state["restarts"] == [10] and state["consumed_samples"] == 16 * 40
+    assert_same_run(tmp_path / "run", reference, from_step=11)
