@@ -135,3 +135,14 @@ def test_restart_on_a_shared_store_gets_a_prefix_of_its_own():
     # what the launcher arranges (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): a new store per round
     assert get_store_prefix({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RESTART_COUNT": "2"}) is None
     assert get_store_prefix({}) is None  # not under torchrun
+
+
+def test_resume_refuses_another_global_batch_size():
+    from trainer.checkpoint import TrainState
+    from trainer.train import check_data_position
+
+    state = TrainState(step=10, consumed_samples=160)
+    check_data_position(state, 16, "step_00000010")  # same global batch: fine
+    with pytest.raises(ValueError, match="train.global_batch_size=16"):
+        check_data_position(state, 32, "step_00000010")
+    check_data_position(TrainState(), 32, "step_00000000")

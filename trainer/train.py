@@ -141,7 +141,8 @@ class Trainer:
             return
         tag = ckpt.resume_tag_all_ranks(self.run_dir, self.cfg.checkpoint.verify)
         if tag is not None:
-            self.state = ckpt.load_checkpoint(self.engine, self.run_dir, tag)
+            self.state = ckpt.load_checkpoint(self.engine, self.run_dir, tag, self.cfg.checkpoint.verify)
+            check_data_position(self.state, self.plan.global_batch_size, tag)
             self.state.restarts.append(self.state.step)
             log.info("resumed from %s (step %d)", tag, self.state.step)
 
@@ -275,6 +276,18 @@ class Trainer:
     def close(self, status: str) -> None:
         if self.logger is not None:
             self.logger.close(status)
+
+
+def check_data_position(state: ckpt.TrainState, global_batch_size: int, tag: str) -> None:
+    """Step k reads global samples [k*G, (k+1)*G): that maps the checkpoint's position onto this
+    run only if G is the one it was trained with (the world size may change, G may not)."""
+    if state.consumed_samples != state.step * global_batch_size:
+        saved = state.consumed_samples / state.step if state.step else float("nan")
+        raise ValueError(
+            f"checkpoint {tag} consumed {state.consumed_samples} samples in {state.step} steps (global batch "
+            f"{saved:g}), but train.global_batch_size is {global_batch_size}: resuming would skip or repeat "
+            f"samples. Resume with train.global_batch_size={saved:g}, or start a new run (another name, or "
+            "checkpoint.resume=false)")
 
 
 @dataclass
