@@ -55,6 +55,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def build_t5(smoke: bool):
+    from trainer.flops import t5_flops_per_sample
     from trainer.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(preset="t5-tiny" if smoke else "t5-base-ja"), 1024 if smoke else 32128)
@@ -65,13 +66,7 @@ def build_t5(smoke: bool):
         return {"input_ids": torch.randint(2, cfg.vocab_size, (micro, input_length), device=device),
                 "labels": torch.randint(2, cfg.vocab_size, (micro, target_length), device=device)}
 
-    d, ff, layers = cfg.d_model, cfg.d_ff, cfg.num_layers
-    inner = cfg.num_heads * cfg.d_kv
-    enc_layer = 4 * d * inner + 2 * d * ff  # q, k, v, o + two FFN matrices
-    dec_layer = 8 * d * inner + 2 * d * ff  # self + cross attention
-    flops = (6 * (layers * enc_layer) * input_length + 6 * (layers * dec_layer + d * cfg.vocab_size) * target_length
-             + 12 * layers * inner * (input_length * input_length + target_length * target_length
-                                      + target_length * input_length))
+    flops = t5_flops_per_sample(cfg, input_length, target_length)
     return model, batch, flops, input_length + target_length
 
 

@@ -17,6 +17,7 @@ from trainer.config import TrainConfig
 from trainer.metrics import MLflowConfig
 from trainer.model import ModelConfig
 from trainer.span_corruption import SpanCorruptionConfig
+from trainer.telemetry import TelemetryConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +64,9 @@ class JobConfig(BaseModel):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed settings file")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig, description="experiment tracking")
+    telemetry: TelemetryConfig = Field(
+        default_factory=TelemetryConfig, description="system metrics of every node (network, disk, CPU, memory, GPU)"
+    )
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="process launch")
 
     @property

@@ -21,6 +21,7 @@ from launcher.ds_config import BatchSizes, fill_ds_config, read_ds_config
 from trainer import nonfinite
 from trainer.config import RunInfo
 from trainer.preemption import EXIT_PREEMPTED, clear_marker, read_marker
+from trainer.run_health import TORCHELASTIC_DIR, record_failed_submission
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -54,7 +55,9 @@ def torchrun_command(job: JobConfig, config_path: Path) -> list[str]:
            "--nproc-per-node", str(launcher.nproc_per_node), "--max-restarts", str(launcher.max_restarts),
            # SIGUSR1 is what Slurm sends ahead of preemption: without this torchrun dies of it.
            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-           "--shutdown-timeout", str(launcher.shutdown_timeout_s)]
+           "--shutdown-timeout", str(launcher.shutdown_timeout_s),
+           # Keeps the workers' error files (root-cause tracebacks) with the run: trainer/run_health.py.
+           "--log-dir", str(job.run_dir / TORCHELASTIC_DIR)]
     if launcher.master_port is None:
         cmd.append("--standalone")
     else:
@@ -126,6 +129,8 @@ def launch_local(plan: RunPlan) -> int:
             signal.signal(sig, handler)
     code = get_exit_code(plan.run_dir, code)
     if code not in (0, EXIT_PREEMPTED):
+        if code != nonfinite.EXIT_NONFINITE_LOSS:  # a policy stop, not a crash
+            record_failed_submission(plan.run_dir, code)
         print(f"error: {describe_failure(plan, code)}", file=sys.stderr)
     return code
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from trainer.distributed import die_with_parent, init_distributed, setup_logging
 from trainer.config import load_worker_config
 from trainer.nonfinite import EXIT_NONFINITE_LOSS, NonFiniteLoss
 from trainer.preemption import EXIT_PREEMPTED, Preempted
 
 
+@record  # an exception's traceback goes to torchrun's error file: the run's `last_error` (run_health.py)
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m trainer RUN_DIR/config.json", file=sys.stderr)

@@ -35,7 +35,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -109,8 +109,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(engine, run_dir: Path, state: TrainState, resolved_config: Path, cfg: CheckpointConfig) -> str:
-    """Collective: every rank calls it. Returns the tag once it is complete and `latest`."""
+def save_checkpoint(engine, run_dir: Path, state: TrainState, resolved_config: Path, cfg: CheckpointConfig,
+                    before_commit: Callable[[], None] | None = None) -> str:
+    """Collective: every rank calls it. Returns the tag once it is complete and `latest`.
+    `before_commit` runs on every rank once its own files are written (a testing hook)."""
     tag = tag_for(state.step)
     ckpt_dir = checkpoints_dir(run_dir)
     staging = ckpt_dir / (tag + STAGING_SUFFIX)
@@ -119,6 +121,8 @@ def save_checkpoint(engine, run_dir: Path, state: TrainState, resolved_config: P
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=staging.name, save_latest=False)
     torch.save(get_rng_state(), staging / f"rng_rank{dist.get_rank()}.pt")
+    if before_commit is not None:
+        before_commit()
     dist.barrier()  # every rank's files are written
     if dist.get_rank() == 0:
         _write_json(staging / "train_state.json", asdict(state))

@@ -18,6 +18,7 @@ from trainer.checkpoint import CheckpointConfig
 from trainer.metrics import MLflowConfig
 from trainer.model import ModelConfig
 from trainer.span_corruption import SpanCorruptionConfig
+from trainer.telemetry import TelemetryConfig
 
 
 class TrainConfig(BaseModel):
@@ -81,6 +82,7 @@ class WorkerConfig(BaseModel):
     train: TrainConfig
     checkpoint: CheckpointConfig
     mlflow: MLflowConfig
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     raw: dict = Field(default_factory=dict, exclude=True, description="the whole resolved job, for logging")
 
 

@@ -1,5 +1,6 @@
 """The training loop: one DeepSpeed engine, span-corruption batches, named steps.
 
+    maybe_resume -> log_run_start (restarts, crashes, bus bandwidth)
     while step < steps: train_step -> maybe_log -> maybe_checkpoint -> maybe_stop_for_preemption
     then: final checkpoint -> Hugging Face export (checked against the engine) -> close
 """
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import random
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +21,18 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
-from trainer import nonfinite
+from trainer import nonfinite, run_health
 from trainer.config import WorkerConfig
 from trainer.data import BatchPlan, SampleOrder, TokenWindows
 from trainer.distributed import get_restart_count, ranks_flagging
 from trainer.faults import Faults
+from trainer.flops import t5_flops_per_sample
 from trainer.metrics import MetricLogger, build_metric_logger, flatten
 from trainer.model import build_model
 from trainer.optim import build_optimizer, build_scheduler, lr_factor
 from trainer.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.span_corruption import SpanCorruptionCollator, sample_seed
+from trainer.telemetry import start_node_telemetry
 
 log = logging.getLogger("trainer")
 
@@ -53,6 +57,8 @@ class Trainer:
         self._build_data()
         self._build_engine()
         self.logger: MetricLogger | None = self._build_logger() if self.rank == 0 else None
+        # Each node's local rank 0 samples its node; rank 0's logger receives every node's samples.
+        self.telemetry = start_node_telemetry(cfg.telemetry, self.logger.log_system if self.logger else None)
         self.preemption = PreemptionWatch()
         self.faults = Faults.from_env(self.rank, dist.get_world_size())
         self._window = _LogWindow()
@@ -87,6 +93,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model, len(self.tokenizer))
         self.num_params = sum(p.numel() for p in model.parameters())
+        objective = cfg.objective
+        self.flops_per_sample = t5_flops_per_sample(model.config, objective.input_length, objective.target_length)
         ds_config = json.loads(Path(cfg.run.ds_config).read_text())
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         optimizer = build_optimizer(model, cfg.train, is_offload_optimizer(ds_config))
@@ -100,7 +108,7 @@ class Trainer:
         logger = build_metric_logger(self.cfg.mlflow, run.tracking_uri, self.run_dir, run.job_name, self._description())
         if logger.mlflow is not None:
             logger.mlflow.log_params(flatten(self.cfg.raw))
-            logger.mlflow.log_artifact(self.run_dir / "config.json")
+            logger.mlflow.log_dict(self.cfg.raw, "config.json")  # redacted, as the params
             logger.mlflow.log_artifact(self.run_dir / "ds_config.json")
         return logger
 
@@ -115,6 +123,7 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------
     def train(self) -> None:
         self.maybe_resume()
+        self.log_run_start()
         while self.state.step < self.cfg.train.steps:
             self.maybe_log(self.train_step())
             self.maybe_checkpoint()
@@ -145,6 +154,22 @@ class Trainer:
             check_data_position(self.state, self.plan.global_batch_size, tag)
             self.state.restarts.append(self.state.step)
             log.info("resumed from %s (step %d)", tag, self.state.step)
+
+    def log_run_start(self) -> None:
+        """Collective (the bus-bandwidth probe). Rank 0 logs restarts, crashes, the last worker
+        error and the all-reduce bus bandwidth at the step the run (re)starts from."""
+        busbw = run_health.probe_allreduce_busbw(self.cfg.telemetry.busbw_probe_mb * 2**20)
+        if self.logger is None:
+            return
+        metrics, tags = run_health.get_start_report(self.run_dir)
+        if busbw is not None:
+            metrics["system/allreduce_busbw_gbps"] = busbw
+        self.logger.log(metrics, self.state.step)
+        if self.logger.mlflow is not None:
+            self.logger.mlflow.set_tags(tags)
+        if "last_error" in tags:
+            log.warning("the previous round failed (%s); its last error:\n%s", tags["last_error_file"],
+                        tags["last_error"][-2000:])
 
     def train_step(self) -> StepResult:
         """One optimizer step: forward/backward over every micro batch of this rank."""
@@ -217,7 +242,14 @@ class Trainer:
             "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "train/epoch": self.state.consumed_samples / len(self.windows),
             "train/nonfinite_skips": self.state.nonfinite_skips,
+            "train/error_rate": self.state.nonfinite_skips / step,  # failed steps / steps
+            "train/epoch_time_s": len(self.windows) / metrics["train/samples_per_s"],  # at the current rate
+            "train/peak_memory_gib": peak_memory_gib(),
         })
+        peak_flops = self.cfg.telemetry.peak_flops_per_device
+        if peak_flops:
+            flops_s = self.flops_per_sample * metrics["train/samples_per_s"]
+            metrics["train/mfu"] = flops_s / (peak_flops * dist.get_world_size())
         self._window = _LogWindow()
         if self.logger is not None:
             self.logger.log(metrics, step)
@@ -233,8 +265,9 @@ class Trainer:
         if self.logger is not None and self.logger.mlflow is not None:
             self.state.mlflow_run_id = self.logger.mlflow.run_id
         start = time.perf_counter()
+        step = self.state.step
         tag = ckpt.save_checkpoint(self.engine, self.run_dir, self.state, self.run_dir / "config.json",
-                                   self.cfg.checkpoint)
+                                   self.cfg.checkpoint, before_commit=lambda: self.faults.maybe_crash_in_save(step))
         if self.logger is not None:
             self.logger.log({"checkpoint/save_s": time.perf_counter() - start}, self.state.step)
         return tag
@@ -274,8 +307,17 @@ class Trainer:
             self.logger.mlflow.log_artifact(export_dir, "export")
 
     def close(self, status: str) -> None:
+        self.telemetry.stop()  # first: its last samples (and the relayed ones) go into the run
         if self.logger is not None:
             self.logger.close(status)
+
+
+def peak_memory_gib() -> float:
+    """This rank's peak memory: the device's allocations on CUDA, the process's resident set
+    on CPU (the device there)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def check_data_position(state: ckpt.TrainState, global_batch_size: int, tag: str) -> None:
