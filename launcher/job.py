@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from data_prep.config import DataConfig
 from launcher.config import JobConfig
 from launcher.ds_config import BatchSizes, get_ds_config_problems, read_ds_config, resolve_ds_config_path
-from trainer.model import get_model_problems
+from trainer.model import get_model_problems, is_causal_lm
 
 Problem = tuple[str, str]  # (yaml path, what is wrong and what was expected)
 
@@ -146,6 +146,9 @@ def cross_check(s: dict[str, BaseModel]) -> list[Problem]:
         problems.append(("tokenizer.path", f"{s['tokenizer'].path}: no such tokenizer directory"))
     if "model" in s:
         problems += get_model_problems(s["model"])
+    if "model" in s and "objective" in s and not get_model_problems(s["model"]) and is_causal_lm(s["model"]):
+        problems.append(("model.preset", f"{s['model'].preset} is a causal LM; objective "
+                         f"{s['objective'].name} needs an encoder-decoder (T5) preset"))
     if "launcher" in s and s["launcher"].backend == "local" and s["launcher"].nnodes != 1:
         problems.append(("launcher.nnodes", f"the local backend runs on one node, got {s['launcher'].nnodes}"))
     if "data" in s and "objective" in s:

@@ -64,6 +64,15 @@ def test_t5_base_preset_has_the_seed_parameter_count():
     assert model.num_parameters() == 222_903_552  # t5-base-japanese: 222M
 
 
+@pytest.mark.parametrize("preset, embedding, rest", [("gemma-2b", 524_550_144, 1_981_884_416),
+                                                     ("gemma-7b", 786_825_216, 7_751_248_896)])
+def test_gemma_presets_have_the_seed_parameter_counts(preset, embedding, rest):
+    with torch.device("meta"):
+        model = build_model(ModelConfig(preset=preset), tokenizer_size=256000)
+    num_embedding = model.get_input_embeddings().weight.numel()
+    assert (num_embedding, model.num_parameters() - num_embedding) == (embedding, rest)
+
+
 def test_tiny_preset_sizes_vocab_from_tokenizer_and_rejects_too_small():
     assert build_model_config(ModelConfig(preset="t5-tiny"), 4100).vocab_size == 4224
     with pytest.raises(ValueError, match="smaller than the tokenizer"):

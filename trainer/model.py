@@ -16,7 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 # validating a job does not import every model family.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "t5": ("T5Config", "T5ForConditionalGeneration"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
 }
+# Architectures trained with a decoder-only objective (causal_lm comes with fine-tuning);
+# the pretraining objective, span corruption, needs an encoder-decoder.
+CAUSAL_LM_ARCHITECTURES = frozenset({"gemma"})
 
 # T5 v1.0 layout (Raffel et al. 2020): ReLU FFN, tied input/output embeddings. Special ids
 # follow the T5 tokenizer layout that data prep trains: pad 0 (also decoder start), eos 1.
@@ -28,6 +32,11 @@ _T5_COMMON = dict(
     decoder_start_token_id=0,
     relative_attention_num_buckets=32,
 )
+
+# Gemma (Gemma Team 2024) as the seed's table gives it: GeGLU FFN (2 x the width below),
+# head size 256, vocab 256128, tied embeddings. Special ids of Gemma's tokenizer.
+_GEMMA_COMMON = dict(head_dim=256, vocab_size=256128, max_position_embeddings=8192, pad_token_id=0,
+                     eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed model's layout (t5-base-japanese): 12+12 layers, d_model 768 -> 222.9M params.
@@ -48,6 +57,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         architecture="t5",
         config=dict(_T5_COMMON, vocab_size=None, d_model=128, d_kv=32, d_ff=512,
                     num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.0),
+    ),
+    # 2B: embedding 524,550,144 + 1,981,884,416 other parameters (d 2048, 18 layers, 8 heads, 1 KV head).
+    "gemma-2b": dict(
+        architecture="gemma",
+        config=dict(_GEMMA_COMMON, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                    num_attention_heads=8, num_key_value_heads=1),
+    ),
+    # 7B: embedding 786,825,216 + 7,751,248,896 (d 3072, 28 layers, 16 heads, 16 KV heads).
+    "gemma-7b": dict(
+        architecture="gemma",
+        config=dict(_GEMMA_COMMON, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                    num_attention_heads=16, num_key_value_heads=16),
+    ),
+    # The Gemma layout at CPU-test size; vocab sized from the tokenizer.
+    "gemma-tiny": dict(
+        architecture="gemma",
+        config=dict(_GEMMA_COMMON, vocab_size=None, head_dim=32, hidden_size=128, intermediate_size=256,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1),
     ),
 }
 
@@ -80,6 +107,10 @@ def get_model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
         for key in cfg.overrides
         if key not in known
     ]
+
+
+def is_causal_lm(cfg: ModelConfig) -> bool:
+    return PRESETS[cfg.preset]["architecture"] in CAUSAL_LM_ARCHITECTURES
 
 
 def round_up(value: int, multiple: int) -> int:
