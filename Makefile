@@ -30,7 +30,7 @@ quickstart: setup
 	$(VENV)/bin/t5ja quickstart
 
 test: setup
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=15
 
 # Pure-logic tests only (seconds): no torchrun, no DeepSpeed engine.
 test-fast: setup

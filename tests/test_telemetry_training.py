@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from test_mlflow_server import MlflowServer, get_free_port
 
-STEPS, LOG_EVERY = 60, 2
+STEPS, LOG_EVERY = 36, 2
 
 
 def logged_step(run_dir) -> int:
@@ -47,10 +47,10 @@ def test_training_survives_the_tracking_server_going_away(tmp_path, tiny_data):
            f"mlflow.tracking_uri={server.uri}", "mlflow.retry_interval_s=0.5", "telemetry.interval_s=1"]
     train = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: logged_step(run_dir) >= 10, train)
+        wait_until(lambda: logged_step(run_dir) >= 8, train)
         server.stop()
         down_at = logged_step(run_dir)
-        wait_until(lambda: logged_step(run_dir) >= down_at + 16, train)  # training goes on without it
+        wait_until(lambda: logged_step(run_dir) >= down_at + 12, train)  # training goes on without it
         server.start()
         server.wait_healthy()
         output, _ = train.communicate(timeout=600)
