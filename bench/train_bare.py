@@ -25,6 +25,7 @@ from trainer.config import load_worker_config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
+from trainer.train import is_offload_optimizer  # noqa: E402
 
 
 def synthetic_batch(micro_batch: int, input_length: int, target_length: int, vocab: int) -> dict:
@@ -52,8 +53,8 @@ def main() -> None:
     vocab = len(AutoTokenizer.from_pretrained(cfg.run.tokenizer_dir))
     model = build_model(cfg.model, vocab)
     ds_config = json.loads(Path(cfg.run.ds_config).read_text())
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train, offload),
+    engine, _, _, _ = deepspeed.initialize(model=model,
+                                           optimizer=build_optimizer(model, cfg.train, is_offload_optimizer(ds_config)),
                                            config=ds_config)
     batch = synthetic_batch(cfg.train.micro_batch_size, cfg.objective.input_length, cfg.objective.target_length, vocab)
     accumulation = cfg.run.gradient_accumulation_steps

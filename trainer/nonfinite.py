@@ -12,9 +12,10 @@ scheduler alone; the trainer steps it, so the learning rate stays a function of 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+
+from trainer import markers
 
 # t5ja's exit codes (README): 1 data, 2 config, 75 preempted; 3 says "stopped on purpose, do
 # not simply rerun": the same data and weights give the same NaN again.
@@ -52,13 +53,12 @@ def poison(loss):
 def write_marker(run_dir: Path, err: NonFiniteLoss) -> None:
     record = {"step": err.step, "ranks": err.ranks, "checkpoint": err.latest, "exit_code": EXIT_NONFINITE_LOSS,
               "message": str(err), "time": time.time()}
-    (run_dir / MARKER).write_text(json.dumps(record) + "\n")
+    markers.write(run_dir, MARKER, record)
 
 
 def read_marker(run_dir: Path) -> dict | None:
-    path = run_dir / MARKER
-    return json.loads(path.read_text()) if path.is_file() else None
+    return markers.read(run_dir, MARKER)
 
 
 def clear_marker(run_dir: Path) -> None:
-    (run_dir / MARKER).unlink(missing_ok=True)
+    markers.clear(run_dir, MARKER)

@@ -5,12 +5,12 @@ EXIT_PREEMPTED, which the launcher and the Slurm template turn into "run again".
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
 from pathlib import Path
 
+from trainer import markers
 from trainer.distributed import ranks_flagging
 
 log = logging.getLogger("trainer.preemption")
@@ -45,13 +45,12 @@ class PreemptionWatch:
 def write_marker(run_dir: Path, step: int, tag: str, signum: int | None) -> None:
     name = signal.Signals(signum).name if signum else "peer"
     record = {"step": step, "checkpoint": tag, "signal": name, "time": time.time()}
-    (run_dir / MARKER).write_text(json.dumps(record) + "\n")
+    markers.write(run_dir, MARKER, record)
 
 
 def read_marker(run_dir: Path) -> dict | None:
-    path = run_dir / MARKER
-    return json.loads(path.read_text()) if path.is_file() else None
+    return markers.read(run_dir, MARKER)
 
 
 def clear_marker(run_dir: Path) -> None:
-    (run_dir / MARKER).unlink(missing_ok=True)
+    markers.clear(run_dir, MARKER)
