@@ -18,7 +18,8 @@ Paths, each run in its own subprocess (peak RSS = the process tree's, sampled ev
                     over texts already in memory (ceiling-lists: the same, returning lists)
 
 MB/s are of input text bytes (the `text` fields, UTF-8). N = os.cpu_count(). Imports are
-done before the clock starts in every path. See bench/README.md.
+done before the clock starts in every path. CPU s: user + system seconds of the path's
+process and its workers while timed, the steadier figure on a shared machine. See bench/README.md.
 """
 from __future__ import annotations
 
@@ -137,6 +138,26 @@ def prepare_tokenizer(work_dir: Path, corpus: Path) -> Path:
 # --- the paths, each run as `data_prep.py --child PATH` in its own process ------------
 
 
+def get_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have exited (a pool's
+    workers are waited for before a path's clock stops)."""
+    return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for field in ("ru_utime", "ru_stime"))
+
+
+class Clock:
+    """Wall and CPU seconds of the timed part of a path (imports come before `Clock()`).
+
+    On a shared machine CPU seconds are the steadier figure: other jobs stretch wall time
+    but hardly the CPU time a path needs."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), get_cpu_seconds()
+
+    def stop(self) -> dict:
+        return {"seconds": time.perf_counter() - self.wall, "cpu_s": get_cpu_seconds() - self.cpu}
+
+
 def build_data_config(corpus: Path, output_dir: Path, normalize: str | None):
     """The default DataConfig on the corpus, with another clean.normalize if given."""
     from data_prep.config import DataConfig
@@ -150,11 +171,11 @@ def child_project(args, normalize: str | None) -> dict:
     from data_prep.pipeline import run_prep
 
     data = build_data_config(args.corpus, args.out, normalize)
-    start = time.perf_counter()
+    clock = Clock()
     summary = run_prep(data, TokenizerConfig(path=str(args.tokenizer)), pack_length=PACK_LENGTH, log=lambda *a: None)
-    seconds = time.perf_counter() - start
+    timing = clock.stop()
     totals = json.loads((args.out / "docs" / "manifest.json").read_text(encoding="utf-8"))["totals"]
-    return {"seconds": seconds, "num_tokens": summary["tokens"]["num_tokens"],
+    return {**timing, "num_tokens": summary["tokens"]["num_tokens"],
             "docs_units_s": totals.get("units_wall_s"), "docs_merge_s": totals.get("merge_wall_s")}
 
 
@@ -163,10 +184,10 @@ def child_tokens(args) -> dict:
     from data_prep.tokenizer import SPIECE_FILE
 
     args.out.mkdir(parents=True)
-    start = time.perf_counter()
+    clock = Clock()
     manifest = pack_tokens(args.docs, args.tokenizer / SPIECE_FILE, PACK_LENGTH, args.out, 256 * 2**20,
                            VOCAB_SIZE + NUM_SENTINELS)
-    return {"seconds": time.perf_counter() - start, "num_tokens": manifest["num_tokens"]}
+    return {**clock.stop(), "num_tokens": manifest["num_tokens"]}
 
 
 _SP = None
@@ -194,13 +215,12 @@ def child_datasets(args, normalize: bool) -> dict:
 
     datasets.disable_progress_bars()
     num_proc = os.cpu_count()
-    start = time.perf_counter()
+    clock = Clock()
     ds = datasets.load_dataset("json", data_files=str(args.corpus), split="train", cache_dir=str(args.out / "cache"))
     ds = ds.map(tokenize_batch, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
                 fn_kwargs={"spiece_path": str(args.tokenizer / SPIECE_FILE), "normalize": normalize})
     ds.save_to_disk(str(args.out / "saved"))
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "num_docs": len(ds)}
+    return {**clock.stop(), "num_docs": len(ds)}
 
 
 def child_ceiling(args, return_type) -> dict:
@@ -211,11 +231,11 @@ def child_ceiling(args, return_type) -> dict:
     texts = list(iter_corpus_texts(args.corpus))
     num_threads = os.cpu_count()
     num_tokens = 0
-    start = time.perf_counter()
+    clock = Clock()
     for i in range(0, len(texts), CEILING_BATCH_DOCS):
         encoded = sp.encode(texts[i : i + CEILING_BATCH_DOCS], num_threads=num_threads, return_type=return_type)
         num_tokens += sum(len(ids) for ids in encoded)
-    return {"seconds": time.perf_counter() - start, "num_tokens": num_tokens}
+    return {**clock.stop(), "num_tokens": num_tokens}
 
 
 def run_child(args) -> None:
@@ -338,6 +358,7 @@ def summarize(results: dict[str, list[dict]], text_bytes: int) -> dict[str, dict
             continue
         seconds = statistics.median(r["seconds"] for r in ok)
         summary[path] = {"seconds": seconds, "mb_s": text_bytes / seconds / 1e6, "runs": [r["seconds"] for r in ok],
+                         "cpu_s": statistics.median(r["cpu_s"] for r in ok),
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
     return summary
 
@@ -346,7 +367,8 @@ def print_table(summary: dict[str, dict], text_bytes: int, scale: int) -> None:
     base, ceiling = summary.get("datasets", {}).get("mb_s"), summary.get("ceiling", {}).get("mb_s")
     print(f"\ncorpus: {text_bytes / 1e6:.1f} MB of text (x{scale}), N = {os.cpu_count()} cores, "
           f"load average now {os.getloadavg()[0]:.2f}")
-    print(f"{'path':14s} {'median s':>9s} {'MB/s':>7s} {'/datasets':>10s} {'/ceiling':>9s} {'peak RSS MB':>12s}  runs (s)")
+    print(f"{'path':14s} {'median s':>9s} {'CPU s':>6s} {'MB/s':>7s} {'/datasets':>10s} {'/ceiling':>9s} "
+          f"{'peak RSS MB':>12s}  runs (s)")
     for path, row in summary.items():
         if "error" in row:
             print(f"{path:14s} FAILED: {row['error']}")
@@ -354,7 +376,7 @@ def print_table(summary: dict[str, dict], text_bytes: int, scale: int) -> None:
         ratio_base = f"{row['mb_s'] / base:.2f}" if base else "-"
         ratio_ceiling = f"{row['mb_s'] / ceiling:.2f}" if ceiling else "-"
         runs = " ".join(f"{s:.2f}" for s in row["runs"])
-        print(f"{path:14s} {row['seconds']:9.2f} {row['mb_s']:7.1f} {ratio_base:>10s} {ratio_ceiling:>9s} "
+        print(f"{path:14s} {row['seconds']:9.2f} {row['cpu_s']:6.2f} {row['mb_s']:7.1f} {ratio_base:>10s} {ratio_ceiling:>9s} "
               f"{row['peak_rss_mb']:12.0f}  {runs}")
 
 

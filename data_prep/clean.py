@@ -6,11 +6,29 @@ import unicodedata
 from typing import Callable
 
 import neologdn
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_prep.config import CleanConfig
 
 # Any whitespace except the line break: spaces, tabs, NBSP, U+3000 that survive the normaliser.
 _SPACE_RUN = re.compile(r"[^\S\n]+")
+
+# The same characters spelled out for Arrow's kernels (RE2 knows only ASCII whitespace): what
+# str.isspace() and so str.split() take for whitespace, less "\n". tests/test_filters.py checks
+# the list against every code point.
+SPACES = ("\t\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+          + "\u2028\u2029\u202f\u205f\u3000")
+
+
+def _re2_class(chars: str) -> str:
+    return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in chars) + "]"
+
+
+# A run of spaces that is not already a single " ": the only runs the collapse has to rewrite
+# (rewriting every run costs Arrow a copy per match, and most runs are one plain space).
+_RUN_TO_COLLAPSE = "(?:{odd}|{any}{{2,}}){any}*".format(odd=_re2_class(SPACES.replace(" ", "")), any=_re2_class(SPACES))
 
 
 def clean_whitespace(text: str, normalize_line: Callable[[str], str] | None = None) -> str:
@@ -25,6 +43,33 @@ def clean_whitespace(text: str, normalize_line: Callable[[str], str] | None = No
     # str.split() with no argument splits on exactly the whitespace `\s` matches (Unicode
     # aware) and drops the ends: the same result as a regex collapse + strip, twice as fast.
     return "\n".join(filter(None, (" ".join(line.split()) for line in lines)))
+
+
+def clean_whitespace_column(texts: pa.Array) -> pa.StringArray:
+    """`clean_whitespace` of every string of an Arrow string column, in Arrow's C++ kernels.
+
+    The same result without a Python step per line (Japanese web and documentation text has
+    a line every ~30 characters): collapse runs of spaces, split into lines, strip each line,
+    drop the empty ones, join. About 3x faster than the per-line loop.
+    """
+    lines = pc.split_pattern(_collapse_runs(texts), "\n")
+    stripped = pc.utf8_trim(lines.flatten(), SPACES)
+    nonempty = pc.greater(pc.binary_length(stripped), 0)
+    kept_before = np.cumsum(nonempty.to_numpy(zero_copy_only=False), dtype=np.int64)
+    kept_before = np.concatenate([np.zeros(1, dtype=np.int64), kept_before])
+    offsets = kept_before[lines.offsets.to_numpy()].astype(np.int32)  # lines of each text, empty ones dropped
+    offsets_array = pa.Array.from_buffers(pa.int32(), len(offsets), [None, pa.py_buffer(offsets)])
+    return pc.binary_join(pa.ListArray.from_arrays(offsets_array, stripped.filter(nonempty)), "\n")
+
+
+def _collapse_runs(texts: pa.Array) -> pa.Array:
+    """Each run of spaces that is not a single " " becomes one " "; rewrites only the texts that
+    have one (finding them is ~2x cheaper than the rewrite, which copies every text)."""
+    needed = pc.match_substring_regex(texts, _RUN_TO_COLLAPSE)
+    if not pc.any(needed).as_py():
+        return texts
+    collapsed = pc.replace_substring_regex(texts.filter(needed), _RUN_TO_COLLAPSE, " ")
+    return pc.replace_with_mask(texts, needed, collapsed)
 
 
 def clean_text(text: str) -> str:
@@ -57,6 +102,11 @@ def normalize_neologdn(text: str) -> str:
     return clean_whitespace(text, normalize_neologdn_line)
 
 
+def clean_text_column(texts: pa.Array) -> pa.StringArray:
+    """`clean_text` of every string of an Arrow string column."""
+    return clean_whitespace_column(pa.array([unicodedata.normalize("NFKC", t) for t in texts.to_pylist()], pa.string()))
+
+
 def build_normalizer(cfg: CleanConfig) -> Callable[[str], str]:
     """The text → text function for `cfg.normalize`; all run in C apart from a loop over lines."""
     normalizers: dict[str, Callable[[str], str]] = {
@@ -65,3 +115,15 @@ def build_normalizer(cfg: CleanConfig) -> Callable[[str], str]:
         "none": clean_whitespace,
     }
     return normalizers[cfg.normalize]
+
+
+def build_column_normalizer(cfg: CleanConfig) -> Callable[[pa.Array], pa.StringArray]:
+    """`build_normalizer`'s function applied to every string of an Arrow column: the same
+    strings. Whitespace clean-up runs on the whole column; neologdn, which is per line and
+    ~5x slower than tokenizing, stays a loop over the documents."""
+    if cfg.normalize == "none":
+        return clean_whitespace_column
+    if cfg.normalize == "nfkc":
+        return clean_text_column
+    normalize = build_normalizer(cfg)
+    return lambda texts: pa.array([normalize(text) for text in texts.to_pylist()], pa.string())

@@ -29,7 +29,12 @@ MINHASH_SCHEME = "affine64"
 
 def text_hash(text: str) -> bytes:
     """16-byte blake2b digest of the UTF-8 text: collisions are negligible (2^-64 at 2^32 documents)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=HASH_BYTES).digest()
+    return utf8_hash(text.encode("utf-8"))
+
+
+def utf8_hash(utf8: bytes) -> bytes:
+    """`text_hash` of a text already encoded (as the docs workers hold it, sliced from Arrow)."""
+    return hashlib.blake2b(utf8, digest_size=HASH_BYTES).digest()
 
 
 def write_hashes(path: Path, hashes: list[bytes]) -> None:
@@ -75,21 +80,34 @@ def mark_bucket(slices: list[np.ndarray], offsets: np.ndarray, drop: np.ndarray)
     drop[flat_row[1:][repeats]] = True
 
 
-def find_exact_duplicates(hash_files: list[Path], num_rows: list[int], num_buckets: int = 64) -> list[np.ndarray]:
+# Hashes per bucket when the merge picks the number of buckets: ~60 MB of memory per bucket,
+# and no more buckets than that needs (each costs a binary search and a slice per unit).
+BUCKET_ROWS = 2**20
+
+
+def get_num_buckets(total_rows: int) -> int:
+    return max(1, -(-total_rows // BUCKET_ROWS))
+
+
+def find_exact_duplicates(hash_files: list[Path], num_rows: list[int], num_buckets: int | None = None) -> list[np.ndarray]:
     """Per unit, a bool mask over its rows: True = drop, an exact duplicate of an earlier document.
 
     `hash_files` are in canonical order; the first occurrence (lowest unit, then lowest row)
     is kept. Peak memory is about 60 bytes x (total hashes / num_buckets) for one bucket, plus
     the masks (1 byte per document): the files are memory-mapped and read one bucket at a time.
+    The result does not depend on `num_buckets` (default: `get_num_buckets`, ~1M hashes each).
     """
     if len(hash_files) != len(num_rows):
         raise ValueError(f"{len(hash_files)} hash files but {len(num_rows)} row counts")
-    tables = [np.load(path, mmap_mode="r") for path in hash_files]
+    # Plain ndarray views of the maps: every index into a np.memmap costs ~10 us of subclass
+    # hooks, and the binary searches make thousands.
+    tables = [np.asarray(np.load(path, mmap_mode="r")) for path in hash_files]
     for path, table, rows in zip(hash_files, tables, num_rows):
         if len(table) > rows:
             raise ValueError(f"{path}: {len(table)} hashes for a unit of {rows} rows")
     offsets = np.concatenate([[0], np.cumsum(num_rows, dtype=np.int64)])
     drop = np.zeros(int(offsets[-1]), dtype=bool)
+    num_buckets = num_buckets or get_num_buckets(int(offsets[-1]))
     hi_bounds = get_bucket_bounds(num_buckets)
     row_bounds = [find_row_bounds(table, hi_bounds) for table in tables]
     for b in range(num_buckets):

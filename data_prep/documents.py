@@ -1,4 +1,4 @@
-"""The docs schema, and a column buffer that turns cleaned documents into record batches.
+"""The docs schema, and the record batches of cleaned documents that the docs workers write.
 
 Every input format lands in the same schema: OSCAR's quality metadata are columns (null or
 empty for other sources) so that later filtering and statistics can use them.
@@ -22,23 +22,16 @@ DOCS_SCHEMA = pa.schema([
 ])
 
 
-class DocBuffer:
-    """Accumulates documents column-wise; `take()` empties it into one record batch."""
-
-    def __init__(self) -> None:
-        self.columns: dict[str, list] = {name: [] for name in DOCS_SCHEMA.names}
-
-    def __len__(self) -> int:
-        return len(self.columns["text"])
-
-    def add(self, doc_id: str, source: str, raw: RawDoc, text: str) -> None:
-        meta = raw.meta or {}
-        values = (doc_id, source, raw.title, raw.url, text, meta.get("quality_warnings") or [],
-                  meta.get("categories") or [], meta.get("harmful_pp"), meta.get("lang_score"))
-        for name, value in zip(DOCS_SCHEMA.names, values):
-            self.columns[name].append(value)
-
-    def take(self) -> pa.RecordBatch:
-        batch = pa.RecordBatch.from_pydict(self.columns, schema=DOCS_SCHEMA)
-        self.columns = {name: [] for name in DOCS_SCHEMA.names}
-        return batch
+def build_docs_batch(ids: list[str], source: str, raws: list[RawDoc], texts: pa.Array) -> pa.RecordBatch:
+    """One record batch of cleaned documents: `texts` (already an Arrow column) with each
+    document's id, its source and what the reader found (`raws`, in the same order)."""
+    metas = [raw.meta or {} for raw in raws]
+    columns = {
+        "id": ids, "source": [source] * len(raws), "title": [raw.title for raw in raws], "url": [raw.url for raw in raws],
+        "quality_warnings": [meta.get("quality_warnings") or [] for meta in metas],
+        "categories": [meta.get("categories") or [] for meta in metas],
+        "harmful_pp": [meta.get("harmful_pp") for meta in metas], "lang_score": [meta.get("lang_score") for meta in metas],
+    }
+    arrays = [texts if name == "text" else pa.array(columns[name], DOCS_SCHEMA.field(name).type)
+              for name in DOCS_SCHEMA.names]
+    return pa.RecordBatch.from_arrays(arrays, schema=DOCS_SCHEMA)

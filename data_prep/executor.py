@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from data_prep.config import DataConfig
 from data_prep.units import Unit, get_params_digest, get_plan_params, units_to_json
@@ -47,9 +48,10 @@ class TaskShare:
         return share
 
 
-def prepare_work_dir(work_dir: Path, data: DataConfig, units: list[Unit], task_mode: bool, log,
+def prepare_work_dir(work_dir: Path, data: DataConfig, units: list[Unit], share: TaskShare, log,
                      spiece_path: Path | None = None) -> None:
     """Keep finished units if the plan is unchanged; otherwise start the work directory over."""
+    task_mode = share.count > 1
     params = get_plan_params(data, spiece_path)
     digest = get_params_digest(params)
     plan_file = work_dir / "plan.json"
@@ -60,8 +62,11 @@ def prepare_work_dir(work_dir: Path, data: DataConfig, units: list[Unit], task_m
         log(f"docs: inputs or settings changed; discarding finished units in {work_dir}")
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    for stale in work_dir.glob("u-*.tmp-*"):  # left by a killed worker
-        shutil.rmtree(stale, ignore_errors=True)
+    # Left by a killed worker; only this task's units: the other array tasks may be writing theirs.
+    owned = {unit.name for unit in units if share.owns(unit)}
+    for stale in work_dir.glob("u-*.tmp-*"):
+        if stale.name.split(".tmp-")[0] in owned:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = work_dir / f"plan.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"digest": digest, "params": params, "units": units_to_json(units)}, indent=1))
     tmp.replace(plan_file)
@@ -76,14 +81,17 @@ def get_num_workers(data: DataConfig) -> int:
 
 
 def run_units(units: list[Unit], data: DataConfig, work_dir: Path, share: TaskShare, log,
-              spiece_path: Path | None = None) -> list[dict]:
-    """Run this task's unfinished units; returns their errors (unreadable inputs), if any."""
+              spiece_path: Path | None = None, while_waiting: Callable[[], None] | None = None) -> list[dict]:
+    """Run this task's unfinished units; returns their errors (unreadable inputs), if any.
+
+    `while_waiting` runs in this process once worker processes have the units, instead of
+    idling: work of a later stage that does not need the units' results."""
     pending = [u for u in units if share.owns(u) and not is_done(work_dir, u)]
     done_before = sum(1 for u in units if share.owns(u)) - len(pending)
     log(f"docs: {len(pending)} unit(s) to run, {done_before} already done, {get_num_workers(data)} worker(s)")
     progress = Progress(len(pending), log)
     errors = []
-    for result in _iter_results(pending, data, work_dir, spiece_path):
+    for result in _iter_results(pending, data, work_dir, spiece_path, while_waiting):
         if "error" in result:
             errors.append(result)
             log(f"docs: unit {result['unit']} failed: {result['error']}")
@@ -92,10 +100,13 @@ def run_units(units: list[Unit], data: DataConfig, work_dir: Path, share: TaskSh
     return errors
 
 
-def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_path: Path | None):
+def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_path: Path | None,
+                  while_waiting: Callable[[], None] | None):
+    if not pending:  # all done already: no worker (nor its tokenizer) to set up
+        return
     data_json = data.model_dump_json()
     spiece = str(spiece_path) if spiece_path else None
-    workers = min(get_num_workers(data), max(1, len(pending)))
+    workers = min(get_num_workers(data), len(pending))
     if workers == 1:
         init_worker(data_json, spiece)
         for unit in pending:
@@ -105,6 +116,8 @@ def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(data_json, spiece, True)) as pool:
         futures = [pool.submit(run_unit, unit, str(work_dir)) for unit in pending]
+        if while_waiting is not None:  # the workers are forked by now: no thread or lock of it is copied
+            while_waiting()
         for future in as_completed(futures):
             yield future.result()
 

@@ -6,7 +6,12 @@ order and counts a dropped document under the `reason` of the first filter that 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_prep.config import FilterConfig
 
@@ -20,7 +25,10 @@ _JAPANESE_RUN = re.compile(
 
 
 class DocFilter(Protocol):
-    """What the executor needs of a filter: the manifest key of its drops, and the test."""
+    """What the executor needs of a filter: the manifest key of its drops, and the test.
+
+    A filter may also have `keep_column(texts: pa.Array) -> np.ndarray`, the same test over a
+    whole Arrow column (see `apply_filters`)."""
 
     reason: str
 
@@ -38,6 +46,9 @@ class MinChars:
     def keep(self, text: str, meta: dict) -> bool:
         return len(text) >= self.min_chars
 
+    def keep_column(self, texts: pa.Array) -> np.ndarray:
+        return _char_counts(texts) >= self.min_chars
+
 
 class MaxChars:
     """Drops documents longer than `max_chars` characters (dumps, logs, concatenated pages)."""
@@ -49,6 +60,14 @@ class MaxChars:
 
     def keep(self, text: str, meta: dict) -> bool:
         return len(text) <= self.max_chars
+
+    def keep_column(self, texts: pa.Array) -> np.ndarray:
+        return _char_counts(texts) <= self.max_chars
+
+
+def _char_counts(texts: pa.Array) -> np.ndarray:
+    """Code points per string, as len() counts them."""
+    return pc.utf8_length(texts).to_numpy(zero_copy_only=False)
 
 
 def get_japanese_ratio(text: str) -> float:
@@ -125,3 +144,27 @@ def build_filters(cfg: FilterConfig) -> list[DocFilter]:
     if cfg.min_japanese_ratio > 0:
         filters.append(JapaneseRatio(cfg.min_japanese_ratio))
     return filters
+
+
+def apply_filters(filters: list[DocFilter], texts: pa.Array, metas: list[dict]) -> tuple[np.ndarray, Counter]:
+    """(keep mask, drops by reason) of a batch of documents: each document is tested by the
+    filters in order and counted under the first that rejects it, as one `keep` call at a time
+    would. Filters with a `keep_column` test the whole column at once; for the others the
+    texts become Python strings, once, and only if such a filter is enabled."""
+    keep = np.ones(len(texts), dtype=bool)
+    dropped: Counter = Counter()
+    strings = None
+    for doc_filter in filters:
+        rows = np.flatnonzero(keep)
+        if not len(rows):
+            break
+        if hasattr(doc_filter, "keep_column"):
+            passed = doc_filter.keep_column(texts)[rows]
+        else:
+            strings = texts.to_pylist() if strings is None else strings
+            passed = np.fromiter((doc_filter.keep(strings[row], metas[row]) for row in rows), dtype=bool, count=len(rows))
+        failed = rows[~passed]
+        if len(failed):
+            keep[failed] = False
+            dropped[doc_filter.reason] += len(failed)
+    return keep, dropped

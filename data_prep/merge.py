@@ -56,9 +56,11 @@ def write_docs(work_dir: Path, units: list[Unit], keep: list[np.ndarray], out_di
         # Batch by batch from a plain file: memory stays one batch, whatever the unit's size.
         with pa.OSFile(str(work_dir / unit.name / "docs.arrow")) as source:
             for batch in pa.ipc.open_stream(source):
-                mask = bool_array(unit_keep[offset:offset + batch.num_rows])
+                batch_keep = unit_keep[offset:offset + batch.num_rows]
                 offset += batch.num_rows
-                writer.write(batch.filter(mask), origin=unit.input_index)
+                if not batch_keep.all():  # filter() copies every column, even when it keeps every row
+                    batch = batch.filter(bool_array(batch_keep))
+                writer.write(batch, origin=unit.input_index)
     return writer.close()
 
 

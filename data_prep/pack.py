@@ -126,8 +126,10 @@ def iter_unit_token_chunks(unit_dir: Path, chunk_tokens: int = ENCODE_CHUNK_BYTE
         last = max(last, first + 1)
         begin = int(ends[first] - lengths[first])
         chunk = np.asarray(tokens[begin:int(ends[last - 1])])
-        doc_keep = np.repeat(keep[first:last], lengths[first:last])
-        yield chunk[doc_keep]
+        if keep[first:last].all():
+            yield chunk
+        else:
+            yield chunk[np.repeat(keep[first:last], lengths[first:last])]
         first = last
 
 

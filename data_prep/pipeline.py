@@ -20,7 +20,7 @@ from data_prep.executor import TaskShare, prepare_work_dir, run_units
 from data_prep.merge import merge_units
 from data_prep.pack import pack_tokens, pack_unit_tokens
 from data_prep.shards import write_json
-from data_prep.tokenizer import SPIECE_FILE, build_tokenizer
+from data_prep.tokenizer import SPIECE_FILE, TokenizerCheck, build_tokenizer
 from data_prep.units import Plan, get_plan_params, plan_units
 
 MARKER = "_SUCCESS"
@@ -73,12 +73,13 @@ def get_given_spiece(tokenizer: TokenizerConfig) -> Path | None:
     return path
 
 
-def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log, spiece: Path | None) -> float:
+def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log, spiece: Path | None,
+                   while_waiting: Callable[[], None] | None = None) -> float:
     """Run this task's share of the units; raise if an input could not be read. Returns wall seconds."""
     start = time.perf_counter()
     work_dir = layout.docs_work_dir(data.output_dir)
-    prepare_work_dir(work_dir, data, plan.units, share.count > 1, log, spiece)
-    errors = run_units(plan.units, data, work_dir, share, log, spiece)
+    prepare_work_dir(work_dir, data, plan.units, share, log, spiece)
+    errors = run_units(plan.units, data, work_dir, share, log, spiece, while_waiting)
     problems = [f"input {i} {path}: {why}" for i, path, why in plan.unreadable]
     problems += [f"input {e['input']} (unit {e['unit']}): {e['error']}" for e in errors]
     if problems:
@@ -87,9 +88,10 @@ def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log, spiece: 
     return time.perf_counter() - start
 
 
-def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log, spiece: Path | None = None) -> dict:
+def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log, spiece: Path | None = None,
+               while_waiting: Callable[[], None] | None = None) -> dict:
     """All units (resuming finished ones), then the merge into `out_dir`."""
-    units_s = run_docs_units(data, plan, TaskShare(), log, spiece)
+    units_s = run_docs_units(data, plan, TaskShare(), log, spiece, while_waiting)
     work_dir = layout.docs_work_dir(data.output_dir)
     manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s)
     for entry in manifest["inputs"]:
@@ -135,12 +137,15 @@ def run_prep(data: DataConfig, tokenizer: TokenizerConfig, pack_length: int, log
         return run_docs_task(data, share, log, spiece)
     docs_dir, tok_dir = layout.docs_dir(data.output_dir), layout.tokenizer_dir(data.output_dir)
     work_dir = layout.docs_work_dir(data.output_dir)
+    # A given tokenizer is checked while the docs workers run, not after them.
+    check = TokenizerCheck(spiece.parent) if spiece is not None else None
     docs, docs_skipped = run_stage(
-        docs_dir, get_docs_params(data, spiece), lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece),
-        False, log,
+        docs_dir, get_docs_params(data, spiece),
+        lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece, check.run if check else None), False, log,
     )
     tok, tok_skipped = run_stage(
-        tok_dir, tokenizer.model_dump(), lambda tmp: build_tokenizer(docs_dir, tokenizer, tmp, log),
+        tok_dir, tokenizer.model_dump(),
+        lambda tmp: build_tokenizer(docs_dir, tokenizer, tmp, log, check.result if check else None),
         not docs_skipped, log,
     )
     tokens, tokens_skipped = run_stage(

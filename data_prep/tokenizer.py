@@ -183,10 +183,37 @@ def check_special_ids(spiece_path: Path) -> int:
     return sp.get_piece_size()
 
 
-def write_tokenizer_manifest(out_dir: Path, num_sentinels: int) -> dict:
-    spiece_path = out_dir / SPIECE_FILE
-    num_pieces = check_special_ids(spiece_path)
-    vocab_size = get_hf_vocab_size(out_dir)
+def inspect_tokenizer(tokenizer_dir: Path) -> dict:
+    """What the manifest needs of a tokenizer directory that costs time (both tokenizers are
+    loaded), with the sha256 of the files it was read from."""
+    return {"files": {name: get_sha256(tokenizer_dir / name) for name in (SPIECE_FILE, "tokenizer.json")},
+            "num_pieces": check_special_ids(tokenizer_dir / SPIECE_FILE), "vocab_size": get_hf_vocab_size(tokenizer_dir)}
+
+
+class TokenizerCheck:
+    """`inspect_tokenizer` of a given tokenizer.path, run ahead of the tokenizer stage while the
+    docs workers run (the parent process would only wait for them). The stage reuses it only
+    if the files it copied have the same sha256; otherwise, or if the check failed, it checks
+    again itself and reports any problem there, in its usual place."""
+
+    def __init__(self, tokenizer_dir: Path):
+        self.tokenizer_dir = tokenizer_dir
+        self.result: dict | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = inspect_tokenizer(self.tokenizer_dir)
+        except Exception:  # noqa: BLE001 - repeated and raised by the tokenizer stage
+            self.result = None
+
+
+def write_tokenizer_manifest(out_dir: Path, num_sentinels: int, checked: dict | None = None) -> dict:
+    """The manifest of `out_dir` (after checking the T5 layout and the Hugging Face vocabulary);
+    `checked`: an `inspect_tokenizer` result to reuse if it was read from the same files."""
+    files = {name: get_sha256(out_dir / name) for name in (SPIECE_FILE, "tokenizer.json")}
+    if checked is None or checked["files"] != files:
+        checked = inspect_tokenizer(out_dir)
+    num_pieces, vocab_size = checked["num_pieces"], checked["vocab_size"]
     if vocab_size != num_pieces + num_sentinels:
         raise ValueError(
             f"{out_dir}: Hugging Face tokenizer has {vocab_size} tokens, expected {num_pieces} pieces "
@@ -194,14 +221,15 @@ def write_tokenizer_manifest(out_dir: Path, num_sentinels: int) -> dict:
         )
     manifest = {
         "vocab_size": vocab_size, "num_pieces": num_pieces, "num_sentinels": num_sentinels,
-        "pad_id": PAD_ID, "eos_id": EOS_ID, "unk_id": UNK_ID, "spiece_sha256": get_sha256(spiece_path),
+        "pad_id": PAD_ID, "eos_id": EOS_ID, "unk_id": UNK_ID, "spiece_sha256": files[SPIECE_FILE],
     }
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
-def build_tokenizer(docs_dir: Path, cfg: TokenizerConfig, out_dir: Path, log=print) -> dict:
-    """Train (or copy from `cfg.path`) a tokenizer into `out_dir`; returns its manifest."""
+def build_tokenizer(docs_dir: Path, cfg: TokenizerConfig, out_dir: Path, log=print, checked: dict | None = None) -> dict:
+    """Train (or copy from `cfg.path`) a tokenizer into `out_dir`; returns its manifest.
+    `checked`: a `TokenizerCheck` result of `cfg.path`, if one was run."""
     if cfg.path:
         copy_existing_tokenizer(Path(cfg.path), out_dir)
     else:
@@ -217,7 +245,7 @@ def build_tokenizer(docs_dir: Path, cfg: TokenizerConfig, out_dir: Path, log=pri
         train_sentencepiece(lines, cfg, out_dir / SPIECE_FILE)
     if not (out_dir / "tokenizer.json").exists():
         export_hf_tokenizer(out_dir / SPIECE_FILE, cfg.num_sentinels, out_dir)
-    return write_tokenizer_manifest(out_dir, cfg.num_sentinels)
+    return write_tokenizer_manifest(out_dir, cfg.num_sentinels, checked)
 
 
 def copy_existing_tokenizer(src: Path, out_dir: Path) -> None:

@@ -7,7 +7,8 @@ at any moment leaves at most a `.tmp-*` directory that the next run deletes.
     u-NNNNNN/docs.arrow      cleaned documents that passed the filters (DOCS_SCHEMA)
     u-NNNNNN/hashes.npy      their 16-byte text hashes, sorted, with row numbers (dedup.write_hashes)
     u-NNNNNN/minhash.npy     MinHash signatures, when near-dup removal is on
-    u-NNNNNN/tokens.bin      with a given tokenizer: the kept documents' ids, each followed by EOS (int32)
+    u-NNNNNN/tokens.bin      with a given tokenizer: the kept documents' ids, each followed by EOS (int32);
+                             a repeat of an earlier text of the unit is EOS alone (exact dedup drops it)
     u-NNNNNN/lengths.bin     ... and each document's id count including its EOS (int32)
     u-NNNNNN/rejects.jsonl   every record that could not be read, with file:line or byte offset
     u-NNNNNN/stats.json      counts in/out, bytes, drops by reason, wall time
@@ -26,18 +27,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from data_prep.clean import build_normalizer
+from data_prep.clean import build_column_normalizer
 from data_prep.config import DataConfig
-from data_prep.dedup import minhash_signature, text_hash, write_hashes, write_signatures
-from data_prep.documents import DOCS_SCHEMA, DocBuffer
-from data_prep.filters import build_filters
+from data_prep.dedup import minhash_signature, utf8_hash, write_hashes, write_signatures
+from data_prep.documents import DOCS_SCHEMA, build_docs_batch
+from data_prep.filters import apply_filters, build_filters
+from data_prep.pack import iter_utf8
 from data_prep.readers import RawDoc, Reject, read_split
 from data_prep.units import Unit
 
 _EOS = np.array([1], dtype=np.int32)  # T5 layout EOS (data_prep.tokenizer.EOS_ID)
 
 BATCH_ROWS = 1000
+BATCH_CHARS = 8 * 2**20  # bounds a batch's memory when documents are long
 
 
 class UnitError(Exception):
@@ -70,10 +74,7 @@ class TokenSink:
         self.tokens = open(tmp_dir / "tokens.bin", "wb")
         self.lengths = open(tmp_dir / "lengths.bin", "wb")
 
-    def add(self, batch: pa.RecordBatch) -> None:
-        from data_prep.pack import iter_utf8
-
-        texts = list(iter_utf8(batch.column("text")))
+    def add(self, texts: list[bytes]) -> None:
         encoded = self.sp.encode(texts, num_threads=1, return_type="numpy")  # one worker per core already
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int32, count=len(encoded))
         pieces = [_EOS] * (2 * len(encoded))
@@ -90,29 +91,38 @@ class TokenSink:
 class UnitWriter:
     """Everything one unit writes, in its temporary directory."""
 
-    def __init__(self, tmp_dir: Path, near: bool, sp=None):
+    def __init__(self, tmp_dir: Path, near: bool, sp=None, exact: bool = True):
         self.tmp_dir = tmp_dir
         self._sink = pa.OSFile(str(tmp_dir / "docs.arrow"), "wb")
         self._writer = pa.ipc.new_stream(self._sink, DOCS_SCHEMA)
         self.rejects = open(tmp_dir / "rejects.jsonl", "w", encoding="utf-8")
-        self.buffer = DocBuffer()
         self.hashes: list[bytes] = []  # 16 bytes per kept document: bounded by the unit's size
         self.signatures: list | None = [] if near else None
         self.token_sink = TokenSink(tmp_dir, sp) if sp is not None else None
+        # With exact dedup the merge drops every repeat of an earlier text, so a repeat within
+        # the unit need not be encoded: it is written as an empty document (EOS alone), never packed.
+        self._seen: set[bytes] | None = set() if exact and sp is not None else None
 
     def add_reject(self, unit: Unit, reject: Reject) -> None:
         record = {"input": unit.input_index, "unit": unit.index, "where": reject.where, "reason": reject.reason}
         self.rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def flush(self) -> None:
-        if len(self.buffer):
-            batch = self.buffer.take()
-            self._writer.write_batch(batch)
-            if self.token_sink is not None:
-                self.token_sink.add(batch)
+    def add(self, batch: pa.RecordBatch, utf8: list[bytes]) -> None:
+        """Kept documents, with the UTF-8 bytes of their texts (hashed, and encoded if a tokenizer is given)."""
+        self._writer.write_batch(batch)
+        hashes = list(map(utf8_hash, utf8))
+        self.hashes.extend(hashes)
+        if self.token_sink is not None:
+            self.token_sink.add(utf8 if self._seen is None else self._blank_repeats(hashes, utf8))
+
+    def _blank_repeats(self, hashes: list[bytes], utf8: list[bytes]) -> list[bytes]:
+        texts = []
+        for digest, text in zip(hashes, utf8):
+            texts.append(b"" if digest in self._seen else text)
+            self._seen.add(digest)
+        return texts
 
     def close(self, stats: UnitStats) -> None:
-        self.flush()
         self._writer.close()
         self._sink.close()
         self.rejects.close()
@@ -126,12 +136,17 @@ class UnitWriter:
 
 
 class UnitProcessor:
-    """Cleans, filters and hashes the documents of units; one per worker process."""
+    """Cleans, filters and hashes the documents of units; one per worker process.
+
+    Documents go through in batches (BATCH_ROWS, or BATCH_CHARS of text): cleaning and the
+    length filters run on whole Arrow columns, and a cleaned text stays Arrow (UTF-8) on its
+    way to the docs file, the hash and the tokenizer: no Python string per cleaned document.
+    """
 
     def __init__(self, data: DataConfig, spiece_path: Path | None = None):
         self.data = data
         self.sp = _load_sentencepiece(spiece_path) if spiece_path is not None else None  # once per worker
-        self.normalize = build_normalizer(data.clean)
+        self.normalize = build_column_normalizer(data.clean)
         self.filters = build_filters(data.filters)
 
     def run(self, unit: Unit, work_dir: Path) -> UnitStats:
@@ -141,7 +156,7 @@ class UnitProcessor:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)
         stats = UnitStats(unit.index, unit.input_index, unit.path, unit.format)
-        writer = UnitWriter(tmp_dir, self.data.dedup.near, self.sp)
+        writer = UnitWriter(tmp_dir, self.data.dedup.near, self.sp, self.data.dedup.exact)
         self._read_all(unit, writer, stats)
         stats.wall_s = time.perf_counter() - start
         writer.close(stats)
@@ -152,38 +167,58 @@ class UnitProcessor:
         records = read_split(Path(unit.path), unit.format, unit.start, unit.end,
                              text_field=self.data.inputs[unit.input_index].text_field,
                              max_line_bytes=self.data.max_line_bytes)
+        batch: list[RawDoc] = []
+        batch_chars = 0
         try:
             for item in records:
                 if isinstance(item, Reject):
                     stats.num_rejected += 1
                     writer.add_reject(unit, item)
-                else:
-                    self._add_doc(unit, item, writer, stats)
-                    if len(writer.buffer) >= BATCH_ROWS:
-                        writer.flush()
+                    continue
+                batch.append(item)
+                batch_chars += len(item.text)
+                if len(batch) >= BATCH_ROWS or batch_chars >= BATCH_CHARS:
+                    self._add_batch(unit, batch, writer, stats)
+                    batch, batch_chars = [], 0
+            if batch:
+                self._add_batch(unit, batch, writer, stats)
         except (OSError, ValueError, EOFError) as err:
             # Readers turn bad records into rejects; what reaches here stops the whole unit.
             shutil.rmtree(writer.tmp_dir, ignore_errors=True)
             raise UnitError(f"{unit.path}: cannot be read as {unit.format}: {type(err).__name__}: {err}") from err
 
-    def _add_doc(self, unit: Unit, raw: RawDoc, writer: UnitWriter, stats: UnitStats) -> None:
-        stats.num_docs_in += 1
-        stats.num_bad_byte_lines += raw.num_bad_byte_lines
-        stats.text_bytes_in += len(raw.text.encode("utf-8"))
-        text = self.normalize(raw.text)
-        meta = raw.meta or {}
-        for doc_filter in self.filters:
-            if not doc_filter.keep(text, meta):
-                stats.dropped[doc_filter.reason] += 1
-                return
-        local_id = raw.doc_id if raw.doc_id is not None else f"{unit.index:06d}-{stats.num_docs_out:07d}"
-        writer.buffer.add(f"{unit.source}:{local_id}", unit.source, raw, text)
-        writer.hashes.append(text_hash(text))
+    def _add_batch(self, unit: Unit, raws: list[RawDoc], writer: UnitWriter, stats: UnitStats) -> None:
+        """Clean, filter and write a batch of documents, in reading order."""
+        raw_texts = pa.array([raw.text for raw in raws], pa.string())
+        stats.num_docs_in += len(raws)
+        stats.num_bad_byte_lines += sum(raw.num_bad_byte_lines for raw in raws)
+        stats.text_bytes_in += get_utf8_bytes(raw_texts)
+        texts = self.normalize(raw_texts)
+        keep, dropped = apply_filters(self.filters, texts, [raw.meta or {} for raw in raws])
+        stats.dropped.update(dropped)
+        rows = np.flatnonzero(keep).tolist()
+        if not rows:
+            return
+        kept = [raws[row] for row in rows]
+        texts = texts if len(rows) == len(raws) else texts.take(pa.array(rows, pa.int64()))
+        ids = [f"{unit.source}:{self._local_id(unit, raw, stats.num_docs_out + i)}" for i, raw in enumerate(kept)]
+        utf8 = list(iter_utf8(texts))
+        writer.add(build_docs_batch(ids, unit.source, kept, texts), utf8)
         if writer.signatures is not None:
             dedup = self.data.dedup
-            writer.signatures.append(minhash_signature(text, dedup.num_perm, dedup.shingle_chars))
-        stats.num_docs_out += 1
-        stats.text_bytes_out += len(text.encode("utf-8"))
+            writer.signatures.extend(minhash_signature(text, dedup.num_perm, dedup.shingle_chars) for text in texts.to_pylist())
+        stats.num_docs_out += len(rows)
+        stats.text_bytes_out += sum(map(len, utf8))
+
+    @staticmethod
+    def _local_id(unit: Unit, raw: RawDoc, row_out: int) -> str:
+        """The reader's id, else one from the unit and the document's row among those kept."""
+        return raw.doc_id if raw.doc_id is not None else f"{unit.index:06d}-{row_out:07d}"
+
+
+def get_utf8_bytes(texts: pa.Array) -> int:
+    """UTF-8 bytes of all the strings of an Arrow string column (no Python string per document)."""
+    return pc.sum(pc.binary_length(texts)).as_py() or 0
 
 
 def _load_sentencepiece(path: Path):

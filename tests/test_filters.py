@@ -1,12 +1,17 @@
 """Text normalisers (data_prep/clean.py) and document filters (data_prep/filters.py): pure logic, fast."""
 from __future__ import annotations
 
+import random
+from collections import Counter
+
+import pyarrow as pa
 import pytest
 
-from data_prep.clean import build_normalizer, clean_text
+from data_prep.clean import SPACES, build_column_normalizer, build_normalizer, clean_text, clean_whitespace
 from data_prep.config import CleanConfig, FilterConfig
 from data_prep.filters import (
-    JapaneseRatio, MaxChars, MinChars, OscarQualityWarnings, RepeatedLines, build_filters, get_japanese_ratio,
+    JapaneseRatio, MaxChars, MinChars, OscarQualityWarnings, RepeatedLines, apply_filters, build_filters,
+    get_japanese_ratio,
 )
 
 
@@ -49,6 +54,42 @@ def test_nfkc_mode_is_clean_text():
 
 def test_none_mode_only_cleans_whitespace():
     assert normalize("none", "  ｱｲｳ \t ＡＢＣ \n\n\u3000x\n") == "ｱｲｳ ＡＢＣ\nx"
+
+
+# --- the column normalisers the docs workers run: the same strings as the per-text ones ------
+
+# Every character str.isspace() knows (what str.split() splits on), and a few that are not.
+ALL_SPACES = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+EDGE_TEXTS = ["", " ", "\n", "\n\n", " \n \n", "a", " a ", "a  b", "a\tb", "a\u3000\u3000b", "a\xa0b", "a \u2003 b",
+              "a\r\nb", "a \n\n b", "\u3000吾輩は猫である。\n\n 名前は　まだ無い。 \n", "x\x85y\u2028z", "a\x1c\x1fb"]
+
+
+def test_spaces_are_exactly_python_whitespace_but_newline():
+    assert sorted(SPACES) == sorted(c for c in ALL_SPACES if c != "\n")
+
+
+def random_texts(seed: int, count: int) -> list[str]:
+    """Short texts drawn mostly from whitespace, where the clean-up has the most to get wrong."""
+    rng = random.Random(seed)
+    alphabet = ALL_SPACES + ["\n"] * 8 + list("ab猫ｱＡ①") + [" "] * 8
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("mode", ["none", "nfkc", "neologdn"])
+def test_column_normalizer_matches_per_text(mode):
+    per_text = build_normalizer(CleanConfig(normalize=mode))
+    per_column = build_column_normalizer(CleanConfig(normalize=mode))
+    texts = EDGE_TEXTS + random_texts(seed=0, count=3000)
+    assert per_column(pa.array(texts, pa.string())).to_pylist() == [per_text(t) for t in texts]
+
+
+def test_column_clean_up_of_a_slice_and_of_clean_texts():
+    texts = EDGE_TEXTS + random_texts(seed=1, count=200)
+    column = pa.array(texts, pa.string()).slice(5, 150)  # an array with an offset, as batches can be
+    expected = [clean_whitespace(t) for t in texts[5:155]]
+    assert build_column_normalizer(CleanConfig(normalize="none"))(column).to_pylist() == expected
+    cleaned = pa.array(expected, pa.string())  # nothing left to collapse: the rewrite is skipped
+    assert build_column_normalizer(CleanConfig(normalize="none"))(cleaned).to_pylist() == expected
 
 
 # --- filters ---------------------------------------------------------------------------
@@ -115,3 +156,15 @@ def test_first_rejecting_filter_is_the_reason():
     filters = build_filters(FilterConfig(min_chars=5, min_japanese_ratio=0.5))
     reasons = [next((f.reason for f in filters if not f.keep(text, {})), None) for text in ("abc", "abcdef", "吾輩は猫")]
     assert reasons == ["too_short", "not_japanese", "too_short"]
+
+
+def test_apply_filters_matches_keep_one_by_one():
+    filters = build_filters(FilterConfig(min_chars=3, max_chars=12, min_japanese_ratio=0.5, max_repeated_line_ratio=0.3,
+                                         oscar_drop_warnings=["tiny"]))
+    texts = ["ab", "吾輩は猫である", "abcdef", "x" * 20, "猫\n猫\n猫\n猫", "吾輩は猫", "", "名前はまだ無い"]
+    metas = [{}, {}, {}, {}, {}, {"quality_warnings": ["tiny"]}, {}, {"quality_warnings": ["header"]}]
+    keep, dropped = apply_filters(filters, pa.array(texts, pa.string()), metas)
+    first_reasons = [next((f.reason for f in filters if not f.keep(t, m)), None) for t, m in zip(texts, metas)]
+    assert keep.tolist() == [reason is None for reason in first_reasons]
+    assert dropped == Counter(reason for reason in first_reasons if reason)
+    assert set(dropped) == {"too_short", "too_long", "quality_warning", "boilerplate", "not_japanese"}

@@ -220,6 +220,29 @@ def test_given_tokenizer_encodes_in_the_workers_with_the_same_windows(tmp_path, 
         json.loads((layout.tokens_dir(reference) / "manifest.json").read_text())["dropped_tail_tokens"]
 
 
+def test_repeats_within_a_unit_are_not_encoded_and_windows_stay_the_same(tmp_path, reference):
+    """A repeat of an earlier text of its unit is written as EOS alone by the worker (the merge
+    drops it): the windows still equal encoding docs/ after the merge."""
+    import numpy as np
+
+    from data_prep.pack import pack_tokens
+    from data_prep.tokenizer import SPIECE_FILE
+
+    paragraphs = PARAGRAPHS[:40]
+    path = tmp_path / "repeats.txt"
+    path.write_text("\n\n".join(p for p in paragraphs for _ in range(3)) + "\n", encoding="utf-8")  # each one thrice
+    out = tmp_path / "out"
+    given = TokenizerConfig(path=str(layout.tokenizer_dir(reference)))
+    run_prep(data_config([path], out, num_workers=1), given, PACK)
+    assert manifest(out)["totals"]["dropped"]["duplicate"] == 2 * len(paragraphs)
+    again = tmp_path / "tokens-from-docs"
+    again.mkdir()
+    pack_tokens(layout.docs_dir(out), layout.tokenizer_dir(reference) / SPIECE_FILE, PACK, again, 100_000, 2000)
+    tables = [pa.ipc.open_stream(pa.memory_map(str(s))).read_all() for s in list_shards(again)]
+    from_docs = np.concatenate([t.column("input_ids").combine_chunks().values.to_numpy() for t in tables])
+    np.testing.assert_array_equal(read_windows(out), from_docs)
+
+
 def test_near_duplicates_removed_across_units_when_enabled(tmp_path, reference):
     """MinHash LSH over the whole corpus: a document with one sentence changed is dropped."""
     docs = ["\n".join(p.strip() for p in PARAGRAPHS[i:i + 12]) for i in range(0, 240, 12)]  # 20 long docs

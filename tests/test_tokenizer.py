@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, T5TokenizerFast
 
 from data_prep.config import TokenizerConfig
 from data_prep.tokenizer import (
+    TokenizerCheck,
     build_tokenizer,
     export_hf_tokenizer,
     load_tokenizer,
@@ -106,6 +107,25 @@ def test_existing_tokenizer_path_is_copied_and_validated(tok_dir, tmp_path):
     assert manifest == json.loads((tok_dir / "manifest.json").read_text())
     with pytest.raises(ValueError, match="expected 4000 pieces"):
         build_tokenizer(tmp_path, TokenizerConfig(path=str(tok_dir), num_sentinels=10), tmp_path / "bad")
+
+
+def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, tmp_path):
+    """The pipeline checks tokenizer.path while the docs workers run; the stage reuses that
+    check for the copied files, and checks again if they are not the ones checked."""
+    check = TokenizerCheck(tok_dir)
+    check.run()
+    assert (check.result["num_pieces"], check.result["vocab_size"]) == (NUM_PIECES, NUM_PIECES + NUM_SENTINELS)
+    cfg = TokenizerConfig(path=str(tok_dir), num_sentinels=NUM_SENTINELS)
+    out = tmp_path / "copy"
+    out.mkdir()
+    assert build_tokenizer(tmp_path, cfg, out, checked=check.result) == json.loads((tok_dir / "manifest.json").read_text())
+    stale = {**check.result, "files": {name: "0" * 64 for name in check.result["files"]}, "vocab_size": 1}
+    again = tmp_path / "again"
+    again.mkdir()
+    assert build_tokenizer(tmp_path, cfg, again, checked=stale)["vocab_size"] == NUM_PIECES + NUM_SENTINELS
+    broken = TokenizerCheck(tmp_path / "missing")
+    broken.run()  # fails quietly: the stage checks again and raises there
+    assert broken.result is None
 
 
 def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path):
