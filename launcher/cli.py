@@ -1,8 +1,8 @@
 """`t5ja`: the command line. Exit codes: 0 done, 1 unreadable input data (or a checkpoint that
 cannot be converted), 2 bad job file or arguments, 3 training stopped at a non-finite loss
 (train.nonfinite_loss=stop), 75 training stopped for preemption
-(checkpoint written: run the same command again), otherwise the failing stage's own code
-(torchrun's for training)."""
+(checkpoint written: run the same command again), 4 sbatch missing or refused the job
+(launcher.backend=slurm), otherwise the failing stage's own code (torchrun's for training)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from launcher.job import ConfigError, load_job
+from launcher.job import ConfigError, check_launchable, load_job
 from trainer.preemption import EXIT_PREEMPTED
 
 EXIT_CONFIG = 2
 EXIT_DATA = 1  # an input could not be read, or too many of its records were rejected
+EXIT_SUBMIT = 4  # sbatch is missing or refused the script (launcher.backend=slurm)
 
 OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. train.lr=1e-4 launcher.nproc_per_node=2"
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--num-tasks", type=int, default=None,
                       help="number of shares (default: $SLURM_ARRAY_TASK_COUNT); a later plain `t5ja prep` merges")
     prep.add_argument("--workers", type=int, default=None, help="worker processes (overrides data.num_workers)")
+    prep.add_argument("--dry-run", action="store_true",
+                      help="launcher.backend=slurm: print the rendered sbatch script, submit nothing")
 
     train = sub.add_parser("train", help="write the run directory and launch training under torchrun",
                            description="Validate JOB, write RUN_DIR (config.json, ds_config.json, command.sh) and "
@@ -45,7 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("job", help="job YAML file")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.add_argument("--dry-run", action="store_true",
-                       help="print the resolved config, the filled ds_config and the command; run nothing")
+                       help="print the resolved config, the filled ds_config and the command (with "
+                            "launcher.backend=slurm: the rendered sbatch script); run nothing")
+
+    finish = sub.add_parser("finish", help="(used by the Slurm job script) clear or read a run's stop markers",
+                            description="What `t5ja train` does around torchrun, for the Slurm job script: "
+                                        "--clear removes stale stop markers; --torchrun-code N exits with the "
+                                        "run's exit code (75 preempted, 3 non-finite loss, else N) and records "
+                                        "and explains a failure.")
+    finish.add_argument("run_dir", help="the run directory")
+    finish.add_argument("--clear", action="store_true", help="remove stop markers left by an earlier attempt")
+    finish.add_argument("--torchrun-code", type=int, default=None, help="torchrun's exit code on this node")
 
     quick = sub.add_parser("quickstart", help="the whole pipeline on the bundled sample text (CPU, ~5 min)",
                            description="Prep the bundled Aozora Bunko sample, train a tokenizer, pretrain t5-tiny "
@@ -85,6 +98,8 @@ def cmd_prep(args) -> int:
 
     overrides = list(args.overrides) + ([f"data.num_workers={args.workers}"] if args.workers is not None else [])
     job = load_job(args.job, overrides)
+    if job.launcher.backend == "slurm":
+        return submit_prep_job(job, args.dry_run)
     run_prep(job.data, job.tokenizer, pack_length=job.pack_length, task_index=args.task_index,
              num_tasks=args.num_tasks)
     return 0
@@ -94,7 +109,10 @@ def cmd_train(args) -> int:
     from launcher.run import launch_local, plan_run, write_run
 
     job = load_job(args.job, args.overrides)
+    check_launchable(job, args.job)
     plan = plan_run(job)
+    if job.launcher.backend == "slurm":
+        return submit_train_job(job, plan, args.dry_run)
     if args.dry_run:
         print("# resolved config (RUN_DIR/config.json)")
         print(json.dumps(plan.config, indent=2, ensure_ascii=False))
@@ -111,13 +129,65 @@ def cmd_train(args) -> int:
     return code
 
 
+def submit_train_job(job, plan, dry_run: bool) -> int:
+    from launcher import slurm
+    from launcher.run import write_run
+
+    if dry_run:
+        print(slurm.render_train_script(job, plan), end="")
+        return 0
+    write_run(plan)
+    try:
+        submission = slurm.submit_train(job, plan)
+    except slurm.SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SUBMIT
+    job_id = submission.job_ids[0]
+    log = plan.run_dir.resolve() / "logs" / f"{job.name}-{job_id}.out"
+    print(f"submitted Slurm job {job_id}: {submission.script}\n"
+          f"  follow:   squeue -j {job_id}; tail -f {log}\n"
+          f"  cancel:   scancel {job_id} (scancel --signal=USR1 {job_id}: checkpoint, then requeue)\n"
+          f"  continue: sbatch {submission.script}")
+    return 0
+
+
+def submit_prep_job(job, dry_run: bool) -> int:
+    from launcher import slurm
+
+    if dry_run:
+        print(slurm.render_prep_script(job), end="")
+        return 0
+    try:
+        submission = slurm.submit_prep(job)
+    except slurm.SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SUBMIT
+    array_id, merge_id = submission.job_ids
+    print(f"submitted Slurm array job {array_id} ({slurm.get_num_prep_tasks(job)} tasks) and merge job "
+          f"{merge_id} (after it succeeds): {submission.script}\n"
+          f"  follow:   squeue -j {array_id},{merge_id}; logs in {submission.script.parent}")
+    return 0
+
+
+def cmd_finish(args) -> int:
+    from launcher.run import clear_markers, finish_run
+
+    run_dir = Path(args.run_dir)
+    if args.clear:
+        clear_markers(run_dir)
+    if args.torchrun_code is None:
+        return 0
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    return finish_run(run_dir, config, args.torchrun_code)
+
+
 def cmd_validate(args) -> int:
     files = [a for a in args.jobs if "=" not in a]
     overrides = [a for a in args.jobs if "=" in a]
     status = 0
     for path in files:
         try:
-            load_job(path, overrides)
+            check_launchable(load_job(path, overrides), path)
             print(f"{path}: ok")
         except ConfigError as err:
             print(err, file=sys.stderr)
@@ -175,7 +245,7 @@ def cmd_quickstart(args) -> int:
 
 
 COMMANDS = {"prep": cmd_prep, "train": cmd_train, "quickstart": cmd_quickstart, "validate": cmd_validate,
-            "export": cmd_export, "checkpoint": cmd_checkpoint}
+            "export": cmd_export, "checkpoint": cmd_checkpoint, "finish": cmd_finish}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from data_prep.config import DataConfig, TokenizerConfig
+from launcher.slurm import SlurmConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.config import TrainConfig
 from trainer.metrics import MLflowConfig
@@ -27,7 +28,8 @@ class LauncherConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["local"] = Field("local", description="local: torchrun on this machine")
+    backend: Literal["local", "slurm"] = Field(
+        "local", description="local: torchrun on this machine; slurm: render slurm/*.sbatch and submit it (docs/slurm.md)")
     nnodes: int = Field(1, ge=1, description="number of nodes (the local backend runs one)")
     nproc_per_node: int = Field(1, ge=1, description="training processes per node (one per GPU)")
     max_restarts: int = Field(
@@ -39,8 +41,10 @@ class LauncherConfig(BaseModel):
     )
     master_port: int | None = Field(
         None, ge=1, le=65535,
-        description="rendezvous port (torchrun --rdzv-endpoint 127.0.0.1:PORT); default: --standalone picks a free one"
+        description="rendezvous port of the local backend (torchrun --rdzv-endpoint 127.0.0.1:PORT); "
+                    "default: --standalone picks a free one"
     )
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm settings (launcher.backend=slurm)")
 
 
 class DeepSpeedSection(BaseModel):

@@ -44,21 +44,31 @@ def _type_name(annotation) -> str:
 
 
 def render_section(name: str, model: type[BaseModel]) -> list[str]:
+    """The section's table, then one for each section nested in it (data.clean, launcher.slurm)."""
     lines = [f"## `{name}`", "", (model.__doc__ or "").strip(), "", "| key | type | default | meaning |",
              "|---|---|---|---|"]
+    nested = []
     for key, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            nested.append((f"{name}.{key}", field.annotation))
         lines.append(f"| `{name}.{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description} |")
-    return lines + [""]
+    lines.append("")
+    for key, cls in nested:
+        lines += render_section(key, cls)
+    return lines
+
+
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def render() -> str:
     lines = [HEADER, "## Top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     sections = []
     for key, field in JobConfig.model_fields.items():
-        cls = field.annotation
-        if isinstance(cls, type) and issubclass(cls, BaseModel):
-            sections.append((key, cls))
-        lines.append(f"| `{key}` | {_type_name(cls)} | {_default(field)} | {field.description} |")
+        if _is_section(field.annotation):
+            sections.append((key, field.annotation))
+        lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description} |")
     lines.append("")
     for key, cls in sections:
         lines += render_section(key, cls)

@@ -149,8 +149,6 @@ def cross_check(s: dict[str, BaseModel]) -> list[Problem]:
     if "model" in s and "objective" in s and not get_model_problems(s["model"]) and is_causal_lm(s["model"]):
         problems.append(("model.preset", f"{s['model'].preset} is a causal LM; objective "
                          f"{s['objective'].name} needs an encoder-decoder (T5) preset"))
-    if "launcher" in s and s["launcher"].backend == "local" and s["launcher"].nnodes != 1:
-        problems.append(("launcher.nnodes", f"the local backend runs on one node, got {s['launcher'].nnodes}"))
     if "data" in s and "objective" in s:
         want = s["objective"].expanded_length
         if s["data"].pack_length not in (None, want):
@@ -184,7 +182,9 @@ def _deepspeed_problems(s: dict[str, BaseModel]) -> list[Problem]:
     ds, problems = read_ds_config(path)
     if ds is not None:
         problems += get_ds_config_problems(ds, path, s["train"], _batch_sizes(s))
-    if s["train"].precision == "fp16" and not _cuda_available():
+    # A Slurm job's GPUs are on the compute nodes, not where it is submitted from.
+    local = s["launcher"].backend == "local"
+    if s["train"].precision == "fp16" and local and not _cuda_available():
         problems.append(("train.precision", "fp16 needs a CUDA GPU; DeepSpeed's CPU accelerator supports bf16 or fp32"))
     return problems
 
@@ -193,6 +193,13 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def check_launchable(job: JobConfig, source: str) -> None:
+    """What only training needs (prep runs on one node whatever the job's shape)."""
+    if job.launcher.backend == "local" and job.launcher.nnodes != 1:
+        raise ConfigError(source, [("launcher.nnodes", f"the local backend runs on one node, got "
+                                    f"{job.launcher.nnodes}: use launcher.backend=slurm, or torchrun on each node")])
 
 
 def load_job(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> JobConfig:

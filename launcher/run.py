@@ -24,6 +24,8 @@ from trainer.preemption import EXIT_PREEMPTED, clear_marker, read_marker
 from trainer.run_health import TORCHELASTIC_DIR, record_failed_submission
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# SIGUSR1 is what Slurm sends ahead of preemption: without it in torchrun's list torchrun dies of it.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 @dataclass
@@ -53,8 +55,7 @@ def torchrun_command(job: JobConfig, config_path: Path) -> list[str]:
     launcher = job.launcher
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launcher.nnodes),
            "--nproc-per-node", str(launcher.nproc_per_node), "--max-restarts", str(launcher.max_restarts),
-           # SIGUSR1 is what Slurm sends ahead of preemption: without this torchrun dies of it.
-           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+           "--signals-to-handle", TORCHRUN_SIGNALS,
            "--shutdown-timeout", str(launcher.shutdown_timeout_s),
            # Keeps the workers' error files (root-cause tracebacks) with the run: trainer/run_health.py.
            "--log-dir", str(job.run_dir / TORCHELASTIC_DIR)]
@@ -100,6 +101,8 @@ def write_run(plan: RunPlan) -> None:
     (plan.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     _write_json(plan.run_dir / "config.json", plan.config)
     _write_json(plan.run_dir / "ds_config.json", plan.ds_config)
+    if plan.config["launcher"]["backend"] != "local":
+        return  # the Slurm backend writes submit.sbatch instead
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items())
     (plan.run_dir / "command.sh").write_text(f"#!/bin/sh\n{env} {shlex.join(plan.command)}\n", encoding="utf-8")
 
@@ -114,8 +117,7 @@ def launch_local(plan: RunPlan) -> int:
     """Run torchrun; SIGTERM/SIGUSR1/SIGINT sent to us are passed on to it (and by it to the
     workers, which checkpoint). Returns EXIT_PREEMPTED when the workers stopped for preemption,
     EXIT_NONFINITE_LOSS when they stopped for a NaN/inf loss, else torchrun's code."""
-    clear_marker(plan.run_dir)
-    nonfinite.clear_marker(plan.run_dir)
+    clear_markers(plan.run_dir)
     child = subprocess.Popen(plan.command, env={**os.environ, **plan.env})
 
     def forward(signum, frame):
@@ -127,11 +129,23 @@ def launch_local(plan: RunPlan) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    code = get_exit_code(plan.run_dir, code)
+    return finish_run(plan.run_dir, plan.config, code)
+
+
+def clear_markers(run_dir: Path) -> None:
+    """Stop markers of an earlier attempt would be read as this attempt's reason to stop."""
+    clear_marker(run_dir)
+    nonfinite.clear_marker(run_dir)
+
+
+def finish_run(run_dir: Path, config: dict, torchrun_code: int) -> int:
+    """After torchrun (here or in a Slurm job): the job's exit code, with failures recorded
+    for the crash count and explained on stderr."""
+    code = get_exit_code(run_dir, torchrun_code)
     if code not in (0, EXIT_PREEMPTED):
         if code != nonfinite.EXIT_NONFINITE_LOSS:  # a policy stop, not a crash
-            record_failed_submission(plan.run_dir, code)
-        print(f"error: {describe_failure(plan, code)}", file=sys.stderr)
+            record_failed_submission(run_dir, code)
+        print(f"error: {describe_failure(run_dir, config, code)}", file=sys.stderr)
     return code
 
 
@@ -144,14 +158,16 @@ def get_exit_code(run_dir: Path, torchrun_code: int) -> int:
     return torchrun_code
 
 
-def describe_failure(plan: RunPlan, code: int) -> str:
+def describe_failure(run_dir: Path, config: dict, code: int) -> str:
     from trainer.checkpoint import get_latest_tag
 
-    stopped = nonfinite.read_marker(plan.run_dir)
+    stopped = nonfinite.read_marker(run_dir)
     if stopped is not None:
         return stopped["message"]
-    latest = get_latest_tag(plan.run_dir)
-    resumes = latest and plan.config["checkpoint"]["resume"]
-    resume = f" Running the same command again resumes from {latest}." if resumes else ""
+    latest = get_latest_tag(run_dir)
+    resumes = latest and config["checkpoint"]["resume"]
+    again = (f"`sbatch {run_dir / 'submit.sbatch'}`" if "SLURM_JOB_ID" in os.environ  # the job script's call
+             else "Running the same command again")
+    resume = f" {again} resumes from {latest}." if resumes else ""
     return (f"training failed (torchrun exit code {code}) with launcher.max_restarts="
-            f"{plan.config['launcher']['max_restarts']}; the ranks' logs are in {plan.run_dir / 'logs'}.{resume}")
+            f"{config['launcher']['max_restarts']}; the ranks' logs are in {run_dir / 'logs'}.{resume}")
