@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest usable one)")
     convert.add_argument("--workers", type=int, default=1, help="processes extracting and merging the shards")
 
+    estimate = sub.add_parser("estimate", help="memory of the model states per GPU for each ZeRO stage",
+                              description="DeepSpeed's estimate of the model-state memory (parameters, gradients, "
+                                          "Adam states) per GPU and CPU per node for ZeRO-1/2/3 with and without "
+                                          "CPU offload, for JOB's model preset and cluster shape (launcher.nnodes x "
+                                          "launcher.nproc_per_node). Needs no data and no GPU.")
+    estimate.add_argument("job", help="job YAML file")
+    estimate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    estimate.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default: 80)")
+
     validate = sub.add_parser("validate", help="check job files and print every problem",
                               description="Validate each JOB file (with overrides) and report every problem.")
     validate.add_argument("jobs", nargs="+", help="job YAML files, then optional overrides")
@@ -238,6 +247,20 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from pydantic import ValidationError
+
+    from launcher.estimate import EstimateConfig, estimate_job, format_table, load_estimate_inputs
+    from launcher.job import pydantic_problems
+
+    try:
+        cfg = EstimateConfig(gpu_memory_gib=args.gpu_memory_gib)
+    except ValidationError as err:
+        raise ConfigError("--gpu-memory-gib", pydantic_problems(err)) from None
+    print(format_table(estimate_job(load_estimate_inputs(args.job, args.overrides), cfg)))
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from launcher.quickstart import run_quickstart
 
@@ -245,7 +268,8 @@ def cmd_quickstart(args) -> int:
 
 
 COMMANDS = {"prep": cmd_prep, "train": cmd_train, "quickstart": cmd_quickstart, "validate": cmd_validate,
-            "export": cmd_export, "checkpoint": cmd_checkpoint, "finish": cmd_finish}
+            "export": cmd_export, "checkpoint": cmd_checkpoint, "finish": cmd_finish,
+            "estimate": cmd_estimate}
 
 
 def main(argv: list[str] | None = None) -> int:
