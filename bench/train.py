@@ -20,6 +20,13 @@ it: DeepSpeed's files, RNG states, the manifest's sha256, fsyncs, the atomic ren
 the disk's sequential write rate measured right after it in the same run (a file of the
 checkpoint's size, at least 256 MiB, written in 16 MiB blocks and fsynced).
 Goals of the training-resilience issue: project ≥ 97% of bare; save ≥ 50% of the disk rate.
+
+    python bench/train.py --telemetry-overhead [--presets t5-tiny] [--stages zero2] [--repeats 5]
+
+compares, interleaved, `t5ja train` with the per-node system monitor sampling every second
+(ten times the default rate) against `telemetry.enabled=false`, and times one monitor sample
+in this process (the cost per sample, whatever the interval). Goal of the telemetry issue:
+monitors and logging < 1% of step time.
 """
 from __future__ import annotations
 
@@ -66,8 +73,8 @@ def job_overrides(out: Path, data: Path, preset: str, stage: str, steps: int, lo
             f"launcher.nproc_per_node={NPROC}", "mlflow.log_model=false"]
 
 
-def run_project(out: Path, data: Path, preset: str, stage: str, args, log) -> dict:
-    overrides = job_overrides(out, data, preset, stage, args.steps, args.from_step)
+def run_project(out: Path, data: Path, preset: str, stage: str, args, log, extra: tuple[str, ...] = ()) -> dict:
+    overrides = job_overrides(out, data, preset, stage, args.steps, args.from_step) + list(extra)
     cmd = [sys.executable, "-m", "launcher.cli", "train", str(ROOT / "configs/quickstart.yaml"), *overrides]
     if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
         return {"error": f"t5ja train failed (see {log.name})"}
@@ -165,6 +172,61 @@ def print_table(results: dict[tuple[str, str], list[dict]], args) -> None:
     print("\ngoals: project/bare ≥ 0.97; checkpoint save rate / disk sequential write rate ≥ 0.50")
 
 
+# ---- --telemetry-overhead ------------------------------------------------------------------
+
+TELEMETRY_ON = ("telemetry.enabled=true", "telemetry.interval_s=1")
+TELEMETRY_OFF = ("telemetry.enabled=false",)
+
+
+def measure_telemetry(preset: str, stage: str, repeat: int, data: Path, args, log) -> dict:
+    """Step time with and without the monitors (order alternating between repeats)."""
+    result = {}
+    variants = [("on", TELEMETRY_ON), ("off", TELEMETRY_OFF)]
+    for name, extra in variants if repeat % 2 == 0 else variants[::-1]:
+        out = args.work_dir / "runs" / f"{preset}-{stage}-telemetry-{name}-{repeat}"
+        shutil.rmtree(out, ignore_errors=True)
+        project = run_project(out, data, preset, stage, args, log, extra)
+        shutil.rmtree(out, ignore_errors=True)
+        if "error" in project:
+            return project
+        result[name] = project["seconds"]
+    return result
+
+
+def time_one_sample(num_samples: int = 200) -> float:
+    """Seconds of one NodeMonitor sample (/proc/net/dev, /proc/diskstats, CPU and memory
+    through MLflow's psutil monitors), median over `num_samples`, with a sink that keeps nothing."""
+    from trainer.telemetry import NodeMonitor, TelemetryConfig
+
+    monitor = NodeMonitor(TelemetryConfig(), sink=lambda metrics, timestamp_ms: None, node="bench")
+    monitor._setup()  # what the thread does once; sample() is what it does every interval
+    times = []
+    for _ in range(num_samples):
+        start = time.perf_counter()
+        monitor._deliver(monitor.sample(), 0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def print_telemetry_table(results: dict[tuple[str, str], list[dict]], args) -> None:
+    sample_s = time_one_sample()
+    print(f"\ntelemetry overhead: N = {NPROC} CPU ranks, steps {args.from_step + 1}..{args.steps}, median of "
+          f"{args.repeats}, monitor every {TELEMETRY_ON[1].split('=')[1]} s; load average now {os.getloadavg()[0]:.2f}")
+    print(f"{'preset':12s} {'ZeRO':6s} {'on s':>7s} {'off s':>7s} {'on/off':>7s}  runs (on/off s)")
+    for (preset, stage), runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            print(f"{preset:12s} {stage:6s} FAILED: {runs[0]['error']}")
+            continue
+        on, off = statistics.median(r["on"] for r in ok), statistics.median(r["off"] for r in ok)
+        ratios = statistics.median(r["on"] / r["off"] for r in ok)
+        runs_text = " ".join(f"{r['on']:.2f}/{r['off']:.2f}" for r in ok)
+        print(f"{preset:12s} {stage:6s} {on:7.2f} {off:7.2f} {ratios:7.3f}  {runs_text}")
+    print(f"one monitor sample: {sample_s * 1e3:.2f} ms of one core = {sample_s / 10 * 100:.3f}% of a core at the "
+          f"default 10 s interval, {sample_s * 100:.3f}% at 1 s")
+    print("goal: monitors and logging < 1% of step time (on/off median < 1.01)")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="t5-tiny,t5-small-ja")
@@ -173,6 +235,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--from-step", type=int, default=10, help="steps before this one are warm-up, not timed")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-train")
+    parser.add_argument("--telemetry-overhead", action="store_true",
+                        help="instead: step time with the system monitors on (every 1 s) vs off")
     return parser.parse_args(argv)
 
 
@@ -188,12 +252,19 @@ def main(argv=None) -> None:
         for repeat in range(args.repeats):
             for preset in args.presets.split(","):
                 for stage in args.stages.split(","):
-                    result = measure(preset, stage, repeat, data, args, log)
+                    if args.telemetry_overhead:
+                        result = measure_telemetry(preset, stage, repeat, data, args, log)
+                        status = result.get("error") or f"on {result['on']:.2f} s, off {result['off']:.2f} s"
+                    else:
+                        result = measure(preset, stage, repeat, data, args, log)
+                        status = result.get("error") or (f"project {result['project_s']:.1f} s, bare "
+                                                          f"{result['bare_s']:.1f} s, save {result['save_s']:.2f} s")
                     results.setdefault((preset, stage), []).append(result)
-                    status = result.get("error") or (f"project {result['project_s']:.1f} s, bare {result['bare_s']:.1f} s, "
-                                                      f"save {result['save_s']:.2f} s")
                     print(f"  {preset} {stage} run {repeat + 1}/{args.repeats}: {status}", flush=True)
-    print_table(results, args)
+    if args.telemetry_overhead:
+        print_telemetry_table(results, args)
+    else:
+        print_table(results, args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer import checkpoint as ckpt  # noqa: E402
+from trainer.__main__ import exit_without_teardown  # noqa: E402
 from trainer.config import load_worker_config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.model import build_model  # noqa: E402
@@ -51,3 +52,4 @@ def main(run_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_without_teardown(0)  # as the trainer: everything is saved, skip the seconds of teardown

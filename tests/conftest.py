@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,12 +68,32 @@ def train_args(out: Path, data: Path, stage: str, *extra: str) -> list[str]:
             "train.warmup_steps=5", "checkpoint.every_steps=10", "checkpoint.keep_last=2", *extra]
 
 
+@pytest.fixture(scope="session")
+def mlflow_db(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, made by MLflow itself: its tables and every alembic
+    migration cost seconds, paid once here instead of by each run that logs to MLflow (the
+    quickstart test still has its run create the store)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    root = tmp_path_factory.mktemp("mlflow-db")
+    store = SqlAlchemyStore(f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri())
+    store.engine.dispose()  # the file complete and closed before it is copied
+    return root / "mlflow.db"
+
+
+def seed_mlflow_db(template: Path, out: Path) -> None:
+    """`out`'s default tracking store (OUTPUT_DIR/mlflow.db) starts as a copy of the empty one."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, out / "mlflow.db")
+
+
 @pytest.fixture(scope="session", params=["zero2", "zero3"])
-def reference_run(request, tmp_path_factory, tiny_data):
+def reference_run(request, tmp_path_factory, tiny_data, mlflow_db):
     """One uninterrupted run per ZeRO stage on the ~16-window data set (every step sees the
     same samples): the overfit, layout, export and MLflow tests read it, and the resume tests
     compare their interrupted runs with it. Returns (stage, output dir, run dir)."""
     out = tmp_path_factory.mktemp(f"reference-{request.param}")
+    seed_mlflow_db(mlflow_db, out)
     result = run_t5ja(*train_args(out, tiny_data, request.param))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return request.param, out, out / "run"

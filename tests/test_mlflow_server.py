@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import seed_mlflow_db
 from trainer.metrics import REDACTED, MLflowConfig, build_metric_logger, is_transient
 
 MAX_CALL_S = 0.5  # a log call while the server is down must cost training nothing noticeable
@@ -83,10 +84,11 @@ def _timed_log(logger, step: int, durations: list[float], system: bool = True) -
 
 
 @pytest.mark.service
-def test_metrics_survive_a_server_down_at_start_and_restarted_mid_run(tmp_path, monkeypatch, caplog):
+def test_metrics_survive_a_server_down_at_start_and_restarted_mid_run(tmp_path, monkeypatch, caplog, mlflow_db):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     caplog.set_level(logging.INFO, "trainer.metrics")
+    seed_mlflow_db(mlflow_db, tmp_path)  # the server's store
     server = MlflowServer(tmp_path, get_free_port())
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, seed_mlflow_db
 from test_mlflow_server import MlflowServer, get_free_port
 
 STEPS, LOG_EVERY = 36, 2
@@ -35,7 +35,8 @@ def wait_until(predicate, proc, timeout_s: float = 600) -> None:
 
 @pytest.mark.service
 @pytest.mark.multiproc
-def test_training_survives_the_tracking_server_going_away(tmp_path, tiny_data):
+def test_training_survives_the_tracking_server_going_away(tmp_path, tiny_data, mlflow_db):
+    seed_mlflow_db(mlflow_db, tmp_path)  # the server's store
     server = MlflowServer(tmp_path, get_free_port())
     server.start()
     server.wait_healthy()

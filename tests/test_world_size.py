@@ -276,6 +276,11 @@ def test_two_ranks_resume_on_one(two_to_one):
     assert_world_size_recorded(run_dir, 1)
     assert_continues(run_dir, reference, from_step=30)
 
+
+@pytest.mark.parametrize("reference_run", ["zero2"], indirect=True)
+def test_checkpoint_convert_exit_code_for_a_missing_step(reference_run):
+    """Nothing is written: the shared reference run stays as it was."""
+    _, _, run_dir = reference_run
     missing = run_t5ja("checkpoint", "convert", str(run_dir), "--step", "7")
     assert missing.returncode == 2 and "step_00000007" in missing.stderr
 

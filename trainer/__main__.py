@@ -7,8 +7,9 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer.distributed import die_with_parent, init_distributed, setup_logging
 from trainer.config import load_worker_config
+from trainer.distributed import die_with_parent, init_distributed, setup_logging
+from trainer.fast_exit import exit_without_teardown
 from trainer.nonfinite import EXIT_NONFINITE_LOSS, NonFiniteLoss
 from trainer.preemption import EXIT_PREEMPTED, Preempted
 
@@ -46,4 +47,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # An exception still takes the normal way out (traceback, torchrun's error file).
+    exit_without_teardown(main(sys.argv[1:]))
