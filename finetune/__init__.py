@@ -11,7 +11,9 @@ nothing is dropped without being counted.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -45,3 +47,23 @@ class ReadReport:
         listed = [f"  - {where}: {reason}" for where, reason in self.skipped[:max_listed]]
         more = [f"  ... and {self.num_skipped - max_listed} more"] if self.num_skipped > max_listed else []
         return "\n".join([head, *listed, *more])
+
+
+def read_json_lines(path: str | Path, report: ReadReport):
+    """(location, record) of each JSON object line; bad lines go to the report."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                report.skip(f"{path}:{number}", f"not JSON: {err.msg}")
+                continue
+            if not isinstance(record, dict):
+                report.skip(f"{path}:{number}", f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield f"{path}:{number}", record

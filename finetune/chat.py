@@ -24,7 +24,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune import ReadReport
+from finetune import ReadReport, read_json_lines
 
 START, END = "<start_of_turn>", "<end_of_turn>"
 ROLE_NAMES = {"user": "user", "assistant": "model"}
@@ -122,22 +122,17 @@ def tokenize_chat(messages: list[Message], encode: Callable[[str], list[int]], b
 
 def read_chat_jsonl(path: str | Path) -> tuple[list[list[Message]], ReadReport]:
     """Conversations of a chat JSON lines file; malformed lines are listed in the report."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such chat file")
     report, conversations = ReadReport(str(path)), []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "messages" not in record:
-                    raise ChatFormatError("expected an object with a 'messages' list")
-                render_segments(record["messages"])  # reject what cannot be rendered, here
-                conversations.append(record["messages"])
-            except (json.JSONDecodeError, ChatFormatError) as err:
-                report.skip(f"{path}:{number}", str(err))
+    for where, record in read_json_lines(path, report):
+        if "messages" not in record:
+            report.skip(where, "expected an object with a 'messages' list")
+            continue
+        try:
+            render_segments(record["messages"])  # reject what cannot be rendered, here
+        except ChatFormatError as err:
+            report.skip(where, str(err))
+            continue
+        conversations.append(record["messages"])
     report.num_kept = len(conversations)
     return conversations, report
 

@@ -20,7 +20,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from data_prep.clean import normalize_neologdn
-from finetune import Example, ReadReport
+from finetune import Example, ReadReport, read_json_lines
 from finetune.metrics import get_accuracy, get_correlations, get_squad_scores
 
 NLI_LABELS = ("entailment", "contradiction", "neutral")
@@ -51,26 +51,6 @@ def _identity(text: str) -> str:
 def _normalizer(normalize: bool) -> Callable[[str], str]:
     # Single-line fields: the normaliser's line handling never joins anything here.
     return normalize_neologdn if normalize else _identity
-
-
-def read_json_lines(path: str | Path, report: ReadReport):
-    """(location, record) of each JSON object line; bad lines go to the report."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                report.skip(f"{path}:{number}", f"not JSON: {err.msg}")
-                continue
-            if not isinstance(record, dict):
-                report.skip(f"{path}:{number}", f"expected a JSON object, got {type(record).__name__}")
-                continue
-            yield f"{path}:{number}", record
 
 
 def _require(record: dict, keys: tuple[str, ...]) -> None:

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,7 +29,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "slurm"
 SUBMIT_SCRIPT = "submit.sbatch"
 JOBS_FILE = "slurm_jobs.jsonl"  # one line per submission: the job ids of this run directory
 PREP_DIR = "slurm"  # under data.output_dir: prep.sbatch, job.json
-_SLURM_TIME = r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(\d+-\d+)$|^(UNLIMITED|INFINITE)$"
+_SLURM_TIME = r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(UNLIMITED|INFINITE)$"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -225,7 +226,5 @@ def _write_script(path: Path, text: str) -> None:
 
 
 def _record_jobs(directory: Path, kind: str, job_ids: list[str]) -> None:
-    import time
-
     with open(directory / JOBS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps({"time": time.time(), "kind": kind, "job_ids": job_ids}) + "\n")

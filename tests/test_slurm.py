@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_t5ja, train_args
+from conftest import ROOT, run_t5ja, seed_mlflow_db, train_args
 
 CLUSTER_SCRIPT = ROOT / "scripts" / "local-cluster.sh"
 CONFIG = ROOT / "configs" / "t5-tiny-2node.yaml"
@@ -154,7 +154,7 @@ def wait_for_job(job_id: str, timeout_s: float = 400) -> dict[str, str]:
 def wait_for_step(run_dir: Path, step: int, job_id: str, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if logged_losses(run_dir) and max(logged_losses(run_dir)) >= step:
+        if max(logged_losses(run_dir), default=0) >= step:
             return
         assert job_info(job_id)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), job_info(job_id)
         time.sleep(0.5)
@@ -169,9 +169,10 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
-def submit(out: Path, data: Path) -> tuple[str, Path]:
+def submit(out: Path, data: Path, mlflow_db: Path) -> tuple[str, Path]:
     """The multi-process tests' run (conftest.train_args) as a 2-node Slurm job: its weights
     must equal those of the ZeRO-3 reference run, which ran on one node."""
+    seed_mlflow_db(mlflow_db, out)
     args = train_args(out, data, "zero3")
     args[1] = str(CONFIG)
     result = run_t5ja(*args)
@@ -258,13 +259,13 @@ def lose_node(job_id: str, run_dir: Path) -> None:
 @pytest.mark.service
 @pytest.mark.multiproc
 @pytest.mark.parametrize("reference_run", ["zero3"], indirect=True)
-def test_two_node_job_survives_preemption_and_node_loss(cluster, reference_run, tmp_path, tiny_data):
+def test_two_node_job_survives_preemption_and_node_loss(cluster, reference_run, tmp_path, tiny_data, mlflow_db):
     """One 2-node ZeRO-3 job's life: preempted (USR1) -> requeued -> resumed; a node lost ->
     FAILED; the same submit.sbatch submitted again by hand -> finished. The result equals the
     uninterrupted one-node reference run, in one MLflow run with both nodes' metrics."""
     _, _, reference_dir = reference_run
     out = tmp_path / "out"
-    job_id, run_dir = submit(out, tiny_data)
+    job_id, run_dir = submit(out, tiny_data, mlflow_db)
     preempt(job_id, run_dir)
     lose_node(job_id, run_dir)
     job_id = slurm("sbatch", "--parsable", str(run_dir / "submit.sbatch")).strip()
