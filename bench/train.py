@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer.metrics import read_records  # noqa: E402  (needs the path above)
+
 INPUT_LENGTH = 128
 GLOBAL_BATCH = 16
 MICRO_BATCH = 4
@@ -79,7 +81,7 @@ def run_project(out: Path, data: Path, preset: str, stage: str, args, log, extra
     if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
         return {"error": f"t5ja train failed (see {log.name})"}
     run_dir = out / "bench"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_records(run_dir / "metrics.jsonl")
     times = {row["step"]: row["time"] for row in rows if "train/loss" in row}
     saves = [row["checkpoint/save_s"] for row in rows if "checkpoint/save_s" in row]
     checkpoint = max((run_dir / "checkpoints").glob("step_*"))

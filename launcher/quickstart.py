@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,7 +12,9 @@ QUICKSTART_JOB = PROJECT_ROOT / "configs" / "quickstart.yaml"
 
 
 def read_losses(metrics_path: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line]
+    from trainer.metrics import read_records
+
+    rows = read_records(metrics_path)
     return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 

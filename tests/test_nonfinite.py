@@ -16,6 +16,7 @@ import torch
 
 from conftest import ROOT
 from test_resume import train_args
+from trainer.metrics import read_records
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -31,7 +32,7 @@ def run_with_faults(args: list[str], **env: str) -> subprocess.CompletedProcess:
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
-    return {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {m["step"]: m for m in read_records(run_dir / "metrics.jsonl")
             if "train/loss" in m}
 
 

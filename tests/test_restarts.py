@@ -17,6 +17,7 @@ from launcher.run import get_exit_code, plan_run, torchrun_command
 from test_nonfinite import run_with_faults
 from test_resume import assert_same_run, train_args
 from trainer import nonfinite, preemption
+from trainer.metrics import read_records
 
 
 def test_torchrun_gets_a_fresh_store_per_restart_round(tmp_path):
@@ -42,8 +43,7 @@ def test_exit_code_comes_from_the_workers_marker(tmp_path):
 
 def start_lines(run_dir) -> list[tuple[int, int, int]]:
     """(step, restart count, crash count) of each run start, from metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "restarts/restart_count" in line]
+    rows = [r for r in read_records(run_dir / "metrics.jsonl") if "restarts/restart_count" in r]
     return [(r["step"], r["restarts/restart_count"], r["errors/crash_count"]) for r in rows]
 
 

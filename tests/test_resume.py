@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import REFERENCE_STEPS, ROOT, run_t5ja
 from conftest import train_args as reference_train_args
+from trainer.metrics import read_records
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -39,8 +40,7 @@ def start(args: list[str]) -> subprocess.Popen:
 
 def losses(run_dir: Path) -> dict[int, float]:
     """Loss per step; a step logged twice (before a crash and after the resume) keeps the last."""
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = read_records(run_dir / "metrics.jsonl")
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 

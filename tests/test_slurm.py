@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_t5ja, seed_mlflow_db, train_args
+from trainer.metrics import read_records
 
 CLUSTER_SCRIPT = ROOT / "scripts" / "local-cluster.sh"
 CONFIG = ROOT / "configs" / "t5-tiny-2node.yaml"
@@ -162,10 +163,7 @@ def wait_for_step(run_dir: Path, step: int, job_id: str, timeout_s: float = 300)
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_records(run_dir / "metrics.jsonl")
     return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 

@@ -14,14 +14,13 @@ import pytest
 
 from conftest import ROOT, seed_mlflow_db
 from test_mlflow_server import MlflowServer, get_free_port
+from trainer.metrics import read_records
 
 STEPS, LOG_EVERY = 36, 2
 
 
 def logged_step(run_dir) -> int:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    steps = [json.loads(line)["step"] for line in lines if '"train/loss"' in line]
+    steps = [r["step"] for r in read_records(run_dir / "metrics.jsonl") if "train/loss" in r]
     return max(steps, default=0)
 
 

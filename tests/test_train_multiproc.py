@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REFERENCE_STEPS
+from trainer.metrics import read_records
 
 pytestmark = pytest.mark.multiproc
 
@@ -27,7 +28,7 @@ def trained_run(reference_run):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_records(run_dir / "metrics.jsonl")
 
 
 def test_loss_falls_on_a_fixed_batch(trained_run):

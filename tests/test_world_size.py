@@ -40,6 +40,7 @@ from conftest import train_args as reference_train_args
 from trainer import checkpoint as ckpt
 from trainer import universal
 from trainer.data import BatchPlan
+from trainer.metrics import read_records
 
 GLOBAL_BATCH = 16  # conftest.train_args
 LOSS_RTOL = 1e-5
@@ -209,7 +210,7 @@ def copy_as_of(src: Path, dst: Path, step: int) -> None:
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_records(run_dir / "metrics.jsonl")
     return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 

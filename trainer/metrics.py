@@ -127,6 +127,17 @@ def redact_tree(tree: Any, name: str = "") -> Any:
 
 # ---- metrics.jsonl --------------------------------------------------------------------
 
+def read_records(path: Path) -> list[dict]:
+    """The complete records of a JSON-lines file another process may be appending to. A read
+    can land between the bytes of one write, so a last line without its newline is still being
+    written: it is left for the next read, not parsed (a test polling mid-run once failed on
+    '{"step": 9, "time": 1795910396.6083918, "tr')."""
+    if not path.is_file():
+        return []
+    complete = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
+
+
 class JsonlLogger:
     """Step metrics to metrics.jsonl, system samples to system_metrics.jsonl (monitor threads
     write those: hence the lock)."""
