@@ -9,8 +9,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
-# DeepSpeed JIT-builds a small C++ op into ~/.cache/torch_extensions, which every checkout
-# shares and rebuilds (minutes) when another one used it: one cache per venv instead.
+# DeepSpeed JIT-builds its C++ ops (the CPU Adam of the offload configs) into
+# ~/.cache/torch_extensions, which every checkout shares and rebuilds (minutes) when another
+# one used it: one cache per venv instead.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup quickstart test test-fast bench-prep bench-train clean

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,18 +75,15 @@ def worker_env(job: JobConfig) -> dict[str, str]:
     # addresses under the same keys and fails with "Connection refused" (pytorch#135712).
     # Without sharing, each round's rank 0 hosts a fresh store on a fresh port.
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA and fail
+    if "DS_ACCELERATOR" not in os.environ and shutil.which("nvidia-smi") is None:
+        # DeepSpeed would otherwise probe for CUDA and fail. nvidia-smi, not torch.cuda: the
+        # same test as the Makefile's torch install and slurm/train.sbatch, without the 2+ s
+        # of importing torch here.
+        env["DS_ACCELERATOR"] = "cpu"
     if "OMP_NUM_THREADS" not in os.environ:
         # torchrun defaults to 1 thread per worker; share the cores among the workers instead.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // job.launcher.nproc_per_node))
     return env
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def plan_run(job: JobConfig) -> RunPlan:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,17 @@ def test_help_explains_commands():
         assert command in result.stdout
     result = run_t5ja("train", "--help")
     assert "--dry-run" in result.stdout and "overrides" in result.stdout
+
+
+def test_the_launcher_plans_a_run_without_importing_torch(tmp_path):
+    """Every `t5ja train` runs this path before torchrun starts: importing torch here would add
+    2+ s to each launch (torchrun and the workers import it anyway)."""
+    code = ("import sys; from pathlib import Path; from launcher.job import load_job; "
+            "from launcher.run import plan_run, write_run, finish_run; "
+            f"job = load_job(Path('configs/quickstart.yaml'), ['output_dir={tmp_path}']); "
+            "plan = plan_run(job); write_run(plan); finish_run(plan.run_dir, plan.config, 0); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers')))")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

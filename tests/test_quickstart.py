@@ -1,5 +1,6 @@
 """The README's main command: `t5ja quickstart` end to end (data prep, tokenizer, ZeRO-2
-pretraining on 2 processes, export, MLflow), as `make quickstart` runs it."""
+pretraining on 2 processes, export, MLflow), as `make quickstart` runs it, but for 120 of
+its 300 steps (an override on the same command line; every stage runs as in the full one)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,22 @@ from conftest import run_t5ja
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
+STEPS = 120
+
 
 def test_quickstart_end_to_end(tmp_path):
     from mlflow.tracking import MlflowClient
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     out = tmp_path / "qs"
-    result = run_t5ja("quickstart", "--out", str(out))
+    result = run_t5ja("quickstart", "--out", str(out), f"train.steps={STEPS}", "checkpoint.every_steps=60")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
-    # The loss must fall clearly over the 300 steps (first and last logged window means).
+    # The loss must fall clearly (first and last logged window means).
     match = re.search(r"loss: step (\d+) ([\d.]+) -> step (\d+) ([\d.]+)", result.stdout)
     assert match, result.stdout
     first, last = float(match.group(2)), float(match.group(4))
-    assert match.group(3) == "300" and last < first - 2.0, (first, last)
+    assert match.group(3) == str(STEPS) and last < first - 2.0, (first, last)
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in result.stdout
 
     run_dir = out / "quickstart"
@@ -41,5 +44,5 @@ def test_quickstart_end_to_end(tmp_path):
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     losses = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [m.step for m in losses] == list(range(10, 301, 10))
+    assert [m.step for m in losses] == list(range(10, STEPS + 1, 10))
     assert losses[-1].value == pytest.approx(last, abs=1e-3)

@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer import universal
+
+# torch is imported inside the functions that run on the workers: the launcher reads this
+# module's config and checkpoint files on every command, and importing torch costs it 2+ s.
 
 log = logging.getLogger("trainer.checkpoint")
 
@@ -100,10 +101,14 @@ def list_complete_tags(run_dir: Path) -> list[str]:
 # ---- saving -----------------------------------------------------------------------------
 
 def get_rng_state() -> dict:
+    import torch
+
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -113,6 +118,9 @@ def save_checkpoint(engine, run_dir: Path, state: TrainState, resolved_config: P
                     before_commit: Callable[[], None] | None = None) -> str:
     """Collective: every rank calls it. Returns the tag once it is complete and `latest`.
     `before_commit` runs on every rank once its own files are written (a testing hook)."""
+    import torch
+    import torch.distributed as dist
+
     tag = tag_for(state.step)
     ckpt_dir = checkpoints_dir(run_dir)
     staging = ckpt_dir / (tag + STAGING_SUFFIX)
@@ -237,6 +245,9 @@ def load_rng_state(path: Path, step: int) -> None:
     is seeded from (train.seed, step, rank) instead. Data are unaffected either way: the
     sample order and span-corruption masks are seeded per sample (trainer/data.py); the RNG
     streams drive only dropout."""
+    import torch
+    import torch.distributed as dist
+
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -283,6 +294,8 @@ def ensure_universal(path: Path, verify: str, num_workers: int = 1) -> Path:
 
 def ensure_universal_all_ranks(path: Path, verify: str) -> Path:
     """Collective: rank 0 converts while the others wait; a failure is raised on every rank."""
+    import torch.distributed as dist
+
     outcome: list = [None]
     if dist.get_rank() == 0:
         try:
@@ -299,6 +312,8 @@ def ensure_universal_all_ranks(path: Path, verify: str) -> Path:
 
 def resume_tag_all_ranks(run_dir: Path, verify: str) -> str | None:
     """Rank 0 chooses (and verifies) the tag; every rank gets the same answer."""
+    import torch.distributed as dist
+
     choice = [choose_resume_tag(run_dir, verify) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     return choice[0]

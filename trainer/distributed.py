@@ -60,10 +60,24 @@ def init_distributed() -> None:
     from deepspeed.accelerator import get_accelerator
 
     backend = "gloo" if get_accelerator().device_name() == "cpu" else "nccl"
+    if backend == "gloo":
+        skip_shm_comm_op()
     prefix = get_store_prefix(os.environ)
     if prefix is not None:
         _init_process_group_with_prefix(backend, prefix)
     deepspeed.init_distributed(dist_backend=backend)  # adopts an initialised process group
+
+
+def skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when it initialises,
+    for its tensor-parallel inference layers only (`inference_all_reduce`); ZeRO training's
+    collectives go through gloo. Marking the op unavailable spares every run loading it and a
+    fresh machine its ~60 s compile. deepspeed.ops keeps the probed table in one dict that
+    build_shm_op reads, and says edits to it persist."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def get_store_prefix(env: Mapping[str, str]) -> str | None:

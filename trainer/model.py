@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 # architecture -> (transformers config class, model class), imported lazily by name so that
@@ -100,6 +99,8 @@ def get_model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
     """(yaml path, message) for an unknown preset or override key; empty when valid."""
     if cfg.preset not in PRESETS:
         return [("model.preset", f"unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")]
+    if not cfg.overrides:  # nothing to check, and the config class would import torch (2+ s)
+        return []
     config_cls = _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][0])
     known = set(config_cls().to_dict())
     return [

@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 
 log = logging.getLogger("trainer.run_health")
 
@@ -104,6 +102,9 @@ def get_start_report(run_dir: Path, env=os.environ) -> tuple[dict[str, float], d
 def probe_allreduce_busbw(num_bytes: int, repeats: int = 5) -> float | None:
     """Collective: bus bandwidth in Gbit/s of an all-reduce of `num_bytes` (median of `repeats`
     after one warm-up), the same figure on every rank; None on one rank (nothing crosses)."""
+    import torch  # the workers' side; the launcher records failures without torch
+    import torch.distributed as dist
+
     world = dist.get_world_size()
     if world < 2 or num_bytes <= 0:
         return None
@@ -124,6 +125,9 @@ def probe_allreduce_busbw(num_bytes: int, repeats: int = 5) -> float | None:
 
 
 def _collective_device() -> torch.device:
+    import torch
+    import torch.distributed as dist
+
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -278,6 +277,8 @@ class SpanCorruptionCollator:
             raise ValueError(f"{len(seeds)} seeds for {windows.shape[0]} windows")
         masks = np.stack([self._noise_mask(np.random.default_rng(s)) for s in seeds])
         inputs, targets = self._apply_masks(windows, masks)
+        import torch  # here, not at the top: the launcher validates this module's config without torch
+
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(targets)}
 
     def _noise_mask(self, rng: np.random.Generator) -> np.ndarray:
