@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from launcher.job import ConfigError, check_launchable, load_job
+from launcher.job import ConfigError, check_launchable, check_preppable, load_job
 from trainer.preemption import EXIT_PREEMPTED
 
 EXIT_CONFIG = 2
@@ -107,6 +107,7 @@ def cmd_prep(args) -> int:
 
     overrides = list(args.overrides) + ([f"data.num_workers={args.workers}"] if args.workers is not None else [])
     job = load_job(args.job, overrides)
+    check_preppable(job, args.job)
     if job.launcher.backend == "slurm":
         return submit_prep_job(job, args.dry_run)
     run_prep(job.data, job.tokenizer, pack_length=job.pack_length, task_index=args.task_index,

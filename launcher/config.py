@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from data_prep.config import DataConfig, TokenizerConfig
 from launcher.slurm import SlurmConfig
 from trainer.checkpoint import CheckpointConfig
-from trainer.config import TrainConfig
+from trainer.config import ObjectiveConfig, TaskConfig, TrainConfig
 from trainer.metrics import MLflowConfig
 from trainer.model import ModelConfig
+from trainer.seq2seq import EvalConfig
 from trainer.span_corruption import SpanCorruptionConfig
 from trainer.telemetry import TelemetryConfig
 
@@ -60,10 +61,17 @@ class JobConfig(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="job name: run directory and MLflow run name")
     output_dir: str = Field("runs", description="root of run directories; the run directory is output_dir/name")
-    data: DataConfig = Field(description="corpora and data-prep outputs")
+    data: DataConfig | None = Field(
+        None, description="corpora and data-prep outputs; required by objective span_corruption (seq2seq reads "
+                          "its task instead)")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="SentencePiece tokenizer")
     model: ModelConfig = Field(default_factory=ModelConfig, description="model preset and overrides")
-    objective: SpanCorruptionConfig = Field(default_factory=SpanCorruptionConfig, description="training objective")
+    objective: ObjectiveConfig = Field(
+        default_factory=SpanCorruptionConfig,
+        description="training objective, by `name`: span_corruption (default) or seq2seq (needs `task`)")
+    task: TaskConfig | None = Field(
+        None, description="the fine-tuning task of objective seq2seq, by `name`: livedoor or jglue")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation after the last step (seq2seq)")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed settings file")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
@@ -82,9 +90,9 @@ class JobConfig(BaseModel):
         return self.launcher.nnodes * self.launcher.nproc_per_node
 
     @property
-    def pack_length(self) -> int:
-        """Tokens per packed window: set in data, else what the objective needs."""
-        return self.data.pack_length or self.objective.expanded_length
+    def pack_length(self) -> int | None:
+        """Tokens per packed window: set in data, else what the objective needs (None: no packing)."""
+        return self.data.pack_length or getattr(self.objective, "expanded_length", None)
 
     @property
     def tracking_uri(self) -> str:

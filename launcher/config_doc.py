@@ -36,16 +36,37 @@ def _default(field) -> str:
     return f"`{json.dumps(value, ensure_ascii=False)}`"
 
 
+def _union_members(annotation) -> list[type[BaseModel]]:
+    """The section classes of a union section (objective, task: `X | Y`, maybe `| None`)."""
+    members = []
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is typing.Annotated:
+            arg = typing.get_args(arg)[0]
+        if typing.get_origin(arg) is typing.Union:
+            members += _union_members(arg)
+        elif _is_section(arg):
+            members.append(arg)
+    return members
+
+
+def _tag(model: type[BaseModel]) -> str:
+    return typing.get_args(model.model_fields["name"].annotation)[0]
+
+
 def _type_name(annotation) -> str:
+    members = _union_members(annotation)
+    if len(members) > 1:
+        names = [f"`{_tag(m)}`" for m in members]
+        return "section, by `name`: " + " or ".join(names)
     if typing.get_origin(annotation) is typing.Literal:
         return " or ".join(f"`{choice}`" for choice in typing.get_args(annotation))
     text = str(annotation) if typing.get_args(annotation) else getattr(annotation, "__name__", str(annotation))
     return text.replace("typing.", "").replace("|", "\\|")
 
 
-def render_section(name: str, model: type[BaseModel]) -> list[str]:
+def render_section(name: str, model: type[BaseModel], title: str | None = None) -> list[str]:
     """The section's table, then one for each section nested in it (data.clean, launcher.slurm)."""
-    lines = [f"## `{name}`", "", (model.__doc__ or "").strip(), "", "| key | type | default | meaning |",
+    lines = [f"## {title or f'`{name}`'}", "", (model.__doc__ or "").strip(), "", "| key | type | default | meaning |",
              "|---|---|---|---|"]
     nested = []
     for key, field in model.model_fields.items():
@@ -66,12 +87,15 @@ def render() -> str:
     lines = [HEADER, "## Top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     sections = []
     for key, field in JobConfig.model_fields.items():
-        if _is_section(field.annotation):
-            sections.append((key, field.annotation))
+        members = _union_members(field.annotation)
+        if _is_section(field.annotation) or len(members) == 1:
+            sections.append((key, members[0] if members else field.annotation, None))
+        elif members:
+            sections += [(key, m, f"`{key}` with `name: {_tag(m)}`") for m in members]
         lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description} |")
     lines.append("")
-    for key, cls in sections:
-        lines += render_section(key, cls)
+    for key, cls, title in sections:
+        lines += render_section(key, cls, title)
     lines += render_section("data.inputs[]", _input_spec())
     return "\n".join(lines)
 

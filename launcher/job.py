@@ -7,15 +7,18 @@ and the cross-section checks alike), before anything starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typing
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from data_prep.config import DataConfig
 from launcher.config import JobConfig
 from launcher.ds_config import BatchSizes, get_ds_config_problems, read_ds_config, resolve_ds_config_path
-from trainer.model import get_model_problems, is_causal_lm
+from finetune.tasks import get_task_path_problems
+from trainer.model import get_init_from_problems, get_model_problems, is_causal_lm
 
 Problem = tuple[str, str]  # (yaml path, what is wrong and what was expected)
 
@@ -77,10 +80,21 @@ def format_loc(loc: tuple) -> str:
     return text
 
 
+# Sections that are unions on `name`: pydantic puts the chosen member's tag in an error's
+# location (objective.seq2seq.typo); the YAML path has no such level (objective.typo).
+UNION_SECTIONS = ("objective", "task")
+
+
+def _yaml_loc(loc: tuple) -> tuple:
+    if len(loc) > 2 and loc[0] in UNION_SECTIONS:
+        return (loc[0], *loc[2:])
+    return loc
+
+
 def pydantic_problems(err: ValidationError, prefix: str = "") -> list[Problem]:
     problems = []
     for e in err.errors():
-        path = format_loc(((prefix,) if prefix else ()) + tuple(e["loc"]))
+        path = format_loc(((prefix,) if prefix else ()) + _yaml_loc(tuple(e["loc"])))
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
@@ -95,14 +109,40 @@ def _valid_sections(raw: dict) -> dict[str, BaseModel]:
     """Each section validated on its own, so cross checks run even when another section fails."""
     sections = {}
     for name, field in JobConfig.model_fields.items():
-        cls = field.annotation
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            continue
         value = raw.get(name)
-        section = field.get_default(call_default_factory=True) if value is None else _validate_lenient(cls, value)
-        if section is not None:
+        if value is None:
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                sections[name] = default
+            continue
+        cls = _section_class(field.annotation)
+        # The field's metadata holds a union's discriminator (pydantic moves it off the annotation).
+        annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        section = _validate_lenient(cls, value) if cls else _validate_union(annotation, value)
+        if isinstance(section, BaseModel):
             sections[name] = section
     return sections
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The section's model class for `Model` and `Model | None`; None for unions and scalars."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+        return members[0]
+    return None
+
+
+def _validate_union(annotation: Any, value: Any) -> Any:
+    """A union section (objective, task) ignoring unknown keys (already reported), or a scalar;
+    None if anything else is wrong."""
+    try:
+        return TypeAdapter(annotation).validate_python(value)
+    except ValidationError as err:
+        # An unknown key's location is (member tag, key).
+        unknown = {e["loc"][1] for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 2}
+        if not isinstance(value, dict) or not unknown or len(unknown) != len(err.errors()):
+            return None
+        return _validate_union(annotation, {k: v for k, v in value.items() if k not in unknown})
 
 
 def _validate_lenient(cls: type[BaseModel], value: Any) -> BaseModel | None:
@@ -130,6 +170,13 @@ def resolve_paths(sections: dict[str, BaseModel], raw: dict, base_dir: Path) -> 
             spec.path = absolute(spec.path)
     if "tokenizer" in sections and sections["tokenizer"].path:
         sections["tokenizer"].path = absolute(sections["tokenizer"].path)
+    if "model" in sections and sections["model"].init_from:
+        sections["model"].init_from = absolute(sections["model"].init_from)
+    if "task" in sections:
+        task = sections["task"]
+        for key in ("path", "train_file", "eval_file"):
+            if hasattr(task, key):
+                setattr(task, key, absolute(getattr(task, key)))
     if "deepspeed" in sections:
         ds = sections["deepspeed"]
         # A bare name (zero2) is looked up in ds_configs/; anything with a directory is a path.
@@ -137,8 +184,9 @@ def resolve_paths(sections: dict[str, BaseModel], raw: dict, base_dir: Path) -> 
         ds.config = str(resolve_ds_config_path(ds.config if named else absolute(ds.config)))
 
 
-def cross_check(s: dict[str, BaseModel]) -> list[Problem]:
-    """Checks that span sections; each runs when the sections it needs are valid."""
+def cross_check(s: dict[str, BaseModel], given: set[str] = frozenset()) -> list[Problem]:
+    """Checks that span sections; each runs when the sections it needs are valid. `given`: the
+    sections the YAML has (one that is there but invalid is reported already, not as missing)."""
     problems: list[Problem] = []
     if "data" in s:
         problems += s["data"].find_problems()
@@ -146,10 +194,12 @@ def cross_check(s: dict[str, BaseModel]) -> list[Problem]:
         problems.append(("tokenizer.path", f"{s['tokenizer'].path}: no such tokenizer directory"))
     if "model" in s:
         problems += get_model_problems(s["model"])
+        problems += get_init_from_problems(s["model"].init_from) if s["model"].init_from else []
     if "model" in s and "objective" in s and not get_model_problems(s["model"]) and is_causal_lm(s["model"]):
         problems.append(("model.preset", f"{s['model'].preset} is a causal LM; objective "
                          f"{s['objective'].name} needs an encoder-decoder (T5) preset"))
-    if "data" in s and "objective" in s:
+    problems += _objective_problems(s, given)
+    if "data" in s and "objective" in s and hasattr(s["objective"], "expanded_length"):
         want = s["objective"].expanded_length
         if s["data"].pack_length not in (None, want):
             problems.append(("data.pack_length", f"{s['data'].pack_length}, but objective.input_length="
@@ -159,6 +209,28 @@ def cross_check(s: dict[str, BaseModel]) -> list[Problem]:
     if "train" in s and "deepspeed" in s and "launcher" in s:
         problems += _deepspeed_problems(s)
     return problems
+
+
+def _objective_problems(s: dict[str, BaseModel], given: set[str]) -> list[Problem]:
+    """What each objective reads: span corruption data prep's token shards, seq2seq a task."""
+    if "objective" not in s:
+        return []
+    name = s["objective"].name
+    if name == "span_corruption":
+        problems = [] if "data" in s or "data" in given else [
+            ("data", "required key is missing: objective span_corruption trains on data prep's token shards")]
+        if "task" in s or "task" in given:
+            problems.append(("task", "only objective seq2seq reads a task; set objective.name=seq2seq or remove it"))
+        return problems
+    problems = []
+    if "model" in s and not s["model"].init_from and "data" not in given and not (
+            "tokenizer" in s and s["tokenizer"].path):
+        problems.append(("model.init_from", f"objective {name} needs a tokenizer: set model.init_from (a `t5ja "
+                         "export` directory), or tokenizer.path / data for a randomly initialised preset"))
+    if "task" in given:  # reported as it is, or valid
+        return problems + (get_task_path_problems(s["task"]) if "task" in s else [])
+    return problems + [("task", f"required key is missing: objective {name} trains on a task's examples "
+                                "(task.name: livedoor or jglue)")]
 
 
 def _batch_sizes(s: dict[str, BaseModel]) -> BatchSizes:
@@ -202,6 +274,15 @@ def check_launchable(job: JobConfig, source: str) -> None:
                                     f"{job.launcher.nnodes}: use launcher.backend=slurm, or torchrun on each node")])
 
 
+def check_preppable(job: JobConfig, source: str) -> None:
+    """`t5ja prep` needs corpora to prepare: a fine-tuning job (objective seq2seq) reads its
+    task's files itself and may have no `data` section."""
+    if job.data is None:
+        raise ConfigError(source, [("data", f"`t5ja prep` prepares the corpora of a `data` section, and this job "
+                                    f"has none (objective {job.objective.name} reads its task's files when it "
+                                    "trains: run `t5ja train` directly)")])
+
+
 def load_job(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> JobConfig:
     """The validated job with absolute paths, or ConfigError listing every problem."""
     path = Path(path)
@@ -214,7 +295,7 @@ def load_job(path: str | Path, overrides: list[str] = (), base_dir: Path | None 
         problems += pydantic_problems(err)
     sections = _valid_sections(raw)
     resolve_paths(sections, raw, base_dir)
-    problems += cross_check(sections)
+    problems += cross_check(sections, {key for key, value in raw.items() if value is not None})
     if problems:
         raise ConfigError(str(path), problems)
     resolved = {**raw, **{name: section.model_dump() for name, section in sections.items()}}

@@ -38,13 +38,26 @@ class RunPlan:
     env: dict[str, str]  # variables set on top of the caller's environment
 
 
+def get_tokenizer_dir(job: JobConfig) -> str:
+    """model.init_from's tokenizer (it matches those weights), else the one data prep uses."""
+    if job.model.init_from:
+        return job.model.init_from
+    if job.tokenizer.path:
+        return job.tokenizer.path
+    if job.data is None:
+        raise ValueError("no tokenizer: set model.init_from, tokenizer.path or data.output_dir")
+    return str(layout.tokenizer_dir(job.data.output_dir))
+
+
 def _run_info(job: JobConfig, batch: BatchSizes) -> RunInfo:
     run_dir = job.run_dir
+    # Only span corruption reads data prep's token shards; seq2seq reads its task's files.
+    uses_tokens = job.data is not None and job.objective.name == "span_corruption"
     return RunInfo(
         run_dir=str(run_dir),
         ds_config=str(run_dir / "ds_config.json"),
-        tokens_dir=str(layout.tokens_dir(job.data.output_dir)),
-        tokenizer_dir=str(job.tokenizer.path or layout.tokenizer_dir(job.data.output_dir)),
+        tokens_dir=str(layout.tokens_dir(job.data.output_dir)) if uses_tokens else None,
+        tokenizer_dir=get_tokenizer_dir(job),
         world_size=batch.world_size,
         gradient_accumulation_steps=batch.gradient_accumulation_steps,
         tracking_uri=job.tracking_uri,

@@ -168,7 +168,7 @@ def test_a_rank_without_rng_state_is_seeded_from_seed_step_and_rank(tmp_path, mo
     (tmp_path / "config.json").write_text(json.dumps({"train": {"seed": 42}}))
     draws = {}
     for rank in (1, 1, 2):
-        monkeypatch.setattr(ckpt.dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
         ckpt.load_rng_state(tmp_path, step=30)
         draws.setdefault(rank, []).append((random.random(), np.random.rand(), torch.rand(()).item()))
     assert draws[1][0] == draws[1][1] and draws[1][0] != draws[2][0]
@@ -176,7 +176,7 @@ def test_a_rank_without_rng_state_is_seeded_from_seed_step_and_rank(tmp_path, mo
 
 
 def test_a_rank_with_rng_state_gets_its_own_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     torch.manual_seed(7)
     torch.save(ckpt.get_rng_state(), tmp_path / "rng_rank0.pt")
     expected = torch.rand(3)

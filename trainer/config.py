@@ -10,15 +10,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from trainer.checkpoint import CheckpointConfig
 from trainer.metrics import MLflowConfig
+from finetune.tasks import JGLUETaskConfig, LivedoorTaskConfig
 from trainer.model import ModelConfig
+from trainer.seq2seq import EvalConfig, Seq2SeqConfig
 from trainer.span_corruption import SpanCorruptionConfig
 from trainer.telemetry import TelemetryConfig
+
+DEFAULT_OBJECTIVE = "span_corruption"
+
+
+def _objective_name(value: Any) -> str | None:
+    # `name` may be left out: every job file written before seq2seq existed means span corruption.
+    if isinstance(value, dict):
+        return value.get("name", DEFAULT_OBJECTIVE)
+    return getattr(value, "name", None)
+
+
+def _task_name(value: Any) -> str | None:
+    return value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+
+
+# One union per section, keyed by `name`: the YAML says which schema applies.
+ObjectiveConfig = Annotated[
+    Union[Annotated[SpanCorruptionConfig, Tag("span_corruption")], Annotated[Seq2SeqConfig, Tag("seq2seq")]],
+    Discriminator(_objective_name, custom_error_type="objective_name",
+                  custom_error_message="name must be span_corruption (default) or seq2seq"),
+]
+TaskConfig = Annotated[
+    Union[Annotated[LivedoorTaskConfig, Tag("livedoor")], Annotated[JGLUETaskConfig, Tag("jglue")]],
+    Discriminator(_task_name, custom_error_type="task_name",
+                  custom_error_message="name is required: livedoor or jglue"),
+]
 
 
 class TrainConfig(BaseModel):
@@ -61,8 +89,9 @@ class RunInfo(BaseModel):
 
     run_dir: str = Field(description="the run directory (absolute)")
     ds_config: str = Field(description="the filled DeepSpeed config this run uses")
-    tokens_dir: str = Field(description="packed token shards written by data prep")
-    tokenizer_dir: str = Field(description="Hugging Face tokenizer directory written by data prep")
+    tokens_dir: str | None = Field(
+        None, description="packed token shards written by data prep (span corruption; None for seq2seq)")
+    tokenizer_dir: str = Field(description="Hugging Face tokenizer directory: model.init_from's, else data prep's")
     world_size: int = Field(description="number of training processes")
     gradient_accumulation_steps: int = Field(description="micro-steps per optimizer step")
     tracking_uri: str = Field(description="resolved MLflow tracking URI")
@@ -78,7 +107,9 @@ class WorkerConfig(BaseModel):
 
     run: RunInfo
     model: ModelConfig
-    objective: SpanCorruptionConfig
+    objective: ObjectiveConfig = Field(default_factory=SpanCorruptionConfig)
+    task: TaskConfig | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig
     checkpoint: CheckpointConfig
     mlflow: MLflowConfig

@@ -1,4 +1,8 @@
-"""Packed token windows and the order in which ranks read them.
+"""Packed token windows, the order in which ranks read them, and the span-corruption data.
+
+Each objective's data object exposes what the training loop needs: `num_samples`,
+`tokens_per_sample` (for the throughput metrics), `get_batch(global_indices)` -> tensors, and
+`task` (the evaluation task, or None). Seq2seq's is trainer.seq2seq.Seq2SeqData.
 
 Token shards are Arrow IPC stream files written by data prep (`tokens/shard-*.arrow`, one
 column `input_ids: fixed_size_list<int32>[pack_length]`, described by `tokens/manifest.json`).
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from trainer.span_corruption import SpanCorruptionCollator, sample_seed
 
 
 class TokenWindows:
@@ -92,3 +98,32 @@ class BatchPlan:
     def micro_batch_indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
         start = step * self.global_batch_size + (micro_step * self.world_size + rank) * self.micro_batch_size
         return np.arange(start, start + self.micro_batch_size, dtype=np.int64)
+
+
+class SpanCorruptionData:
+    """Packed windows of data prep, corrupted per sample (seeded by (seed, epoch, index))."""
+
+    def __init__(self, tokens_dir: str | Path, objective, tokenizer, seed: int):
+        self.windows = TokenWindows(tokens_dir)
+        if self.windows.pack_length != objective.expanded_length:
+            raise ValueError(
+                f"{tokens_dir}: windows of {self.windows.pack_length} tokens, but objective.input_length="
+                f"{objective.input_length} needs {objective.expanded_length}; rerun `t5ja prep`"
+            )
+        self.seed = seed
+        self.order = SampleOrder(len(self.windows), seed)
+        self.num_samples = len(self.windows)
+        self.tokens_per_sample = self.windows.pack_length  # packed-window tokens (input_length 512 -> 568)
+        # T5 layout: <extra_id_0> is the highest tokenizer id, the others count down.
+        self.collator = SpanCorruptionCollator(
+            objective, eos_id=tokenizer.eos_token_id, first_sentinel_id=len(tokenizer) - 1
+        )
+        self.task = None  # no evaluation task: the pretraining objective is scored by its loss
+
+    def get_batch(self, global_indices: np.ndarray) -> dict:
+        windows = self.windows.get(self.order.windows(global_indices))
+        seeds = [sample_seed(self.seed, self.order.epoch_of(int(g)), int(g)) for g in global_indices]
+        return self.collator(windows, seeds)
+
+    def summary(self) -> str:
+        return f"{self.num_samples} packed windows of {self.tokens_per_sample} tokens"

@@ -7,6 +7,7 @@ table row, never a code branch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -87,6 +88,10 @@ class ModelConfig(BaseModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="values that replace the preset's transformers config fields"
     )
+    init_from: str | None = Field(
+        None, description="a Hugging Face model directory (what `t5ja export` writes: config.json, weights, "
+                          "tokenizer files): the weights, architecture and tokenizer come from it (overrides still "
+                          "apply); default: the preset, randomly initialised, with data prep's tokenizer")
 
 
 def _transformers_class(name: str):
@@ -95,8 +100,25 @@ def _transformers_class(name: str):
     return getattr(transformers, name)
 
 
+# Any one of these makes a directory loadable by AutoTokenizer.from_pretrained.
+TOKENIZER_MARKERS = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def get_init_from_problems(path: str) -> list[tuple[str, str]]:
+    """The directory must hold a model config and a tokenizer; checked before anything starts."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return [("model.init_from", f"{path}: no such model directory")]
+    missing = [] if (directory / "config.json").is_file() else ["config.json"]
+    if not any((directory / name).is_file() for name in TOKENIZER_MARKERS):
+        missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_MARKERS)})")
+    return [("model.init_from", f"{path}: no {' and no '.join(missing)} (expected a `t5ja export` or "
+             "save_pretrained directory)")] if missing else []
+
+
 def get_model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
-    """(yaml path, message) for an unknown preset or override key; empty when valid."""
+    """(yaml path, message) for an unknown preset or override key; empty when valid (init_from is
+    checked by get_init_from_problems: `t5ja estimate` works before that directory exists)."""
     if cfg.preset not in PRESETS:
         return [("model.preset", f"unknown preset {cfg.preset!r}; expected one of {sorted(PRESETS)}")]
     if not cfg.overrides:  # nothing to check, and the config class would import torch (2+ s)
@@ -134,6 +156,14 @@ def build_model_config(cfg: ModelConfig, tokenizer_size: int):
 
 
 def build_model(cfg: ModelConfig, tokenizer_size: int) -> torch.nn.Module:
-    config = build_model_config(cfg, tokenizer_size)
     model_cls = _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][1])
-    return model_cls(config)
+    if cfg.init_from:
+        import torch
+
+        # fp32 as a fresh model: DeepSpeed casts to the training precision itself.
+        model = model_cls.from_pretrained(cfg.init_from, dtype=torch.float32, **cfg.overrides)
+        if model.config.vocab_size < tokenizer_size:
+            raise ValueError(f"model.init_from: {cfg.init_from} has vocab_size {model.config.vocab_size}, fewer "
+                             f"than its tokenizer's {tokenizer_size} ids")
+        return model
+    return model_cls(build_model_config(cfg, tokenizer_size))

@@ -1,8 +1,10 @@
-"""The training loop: one DeepSpeed engine, span-corruption batches, named steps.
+"""The training loop: one DeepSpeed engine, the objective's batches (span corruption or seq2seq),
+named steps.
 
     maybe_resume -> log_run_start (restarts, crashes, bus bandwidth)
     while step < steps: train_step -> maybe_log -> maybe_checkpoint -> maybe_stop_for_preemption
-    then: final checkpoint -> Hugging Face export (checked against the engine) -> close
+    then: final checkpoint -> Hugging Face export (checked against the engine) -> maybe_evaluate
+    (seq2seq: generation on the task's eval split, report, eval/* metrics) -> close
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from finetune.tasks import load_task
 from trainer import checkpoint as ckpt
 from trainer import nonfinite, run_health
 from trainer.config import WorkerConfig
-from trainer.data import BatchPlan, SampleOrder, TokenWindows
+from trainer.data import BatchPlan, SpanCorruptionData
 from trainer.distributed import get_restart_count, ranks_flagging
 from trainer.faults import Faults
 from trainer.flops import t5_flops_per_sample
@@ -31,7 +34,7 @@ from trainer.metrics import MetricLogger, build_metric_logger, flatten
 from trainer.model import build_model
 from trainer.optim import build_optimizer, build_scheduler, lr_factor
 from trainer.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, clear_marker, write_marker
-from trainer.span_corruption import SpanCorruptionCollator, sample_seed
+from trainer.seq2seq import Seq2SeqData, evaluate_split
 from trainer.telemetry import start_node_telemetry
 
 log = logging.getLogger("trainer")
@@ -46,6 +49,14 @@ def seed_everything(seed: int) -> None:
 def is_offload_optimizer(ds_config: dict) -> bool:
     device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device not in (None, "none")
+
+
+def build_train_data(cfg: WorkerConfig, tokenizer):
+    """The objective's data object (trainer/data.py says what it exposes)."""
+    objective = cfg.objective
+    if objective.name == "seq2seq":
+        return Seq2SeqData(load_task(cfg.task), tokenizer, objective, cfg.train.seed)
+    return SpanCorruptionData(cfg.run.tokens_dir, objective, tokenizer, cfg.train.seed)
 
 
 class Trainer:
@@ -73,18 +84,10 @@ class Trainer:
 
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.run.tokenizer_dir)
-        self.windows = TokenWindows(cfg.run.tokens_dir)
-        if self.windows.pack_length != cfg.objective.expanded_length:
-            raise ValueError(
-                f"{cfg.run.tokens_dir}: windows of {self.windows.pack_length} tokens, but objective.input_length="
-                f"{cfg.objective.input_length} needs {cfg.objective.expanded_length}; rerun `t5ja prep`"
-            )
-        self.order = SampleOrder(len(self.windows), cfg.train.seed)
+        self.data = build_train_data(cfg, self.tokenizer)
+        if self.rank == 0:
+            log.info("training data (objective %s):\n%s", cfg.objective.name, self.data.summary())
         self.plan = BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.run.world_size)
-        # T5 layout: <extra_id_0> is the highest tokenizer id, the others count down.
-        self.collator = SpanCorruptionCollator(
-            cfg.objective, eos_id=self.tokenizer.eos_token_id, first_sentinel_id=len(self.tokenizer) - 1
-        )
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -194,7 +197,7 @@ class Trainer:
             self.after_skipped_update(step)
         self.state.step += 1
         self.state.consumed_samples += self.plan.global_batch_size
-        self.state.consumed_tokens += self.plan.global_batch_size * self.windows.pack_length
+        self.state.consumed_tokens += self.plan.global_batch_size * self.data.tokens_per_sample
         return StepResult(loss_sum / self.plan.accumulation_steps, data_s, time.perf_counter() - start, skip)
 
     def check_nonfinite(self, loss_sum: torch.Tensor, step: int) -> bool:
@@ -224,10 +227,7 @@ class Trainer:
         self.state.nonfinite_skips += 1
 
     def load_batch(self, step: int, micro_step: int, rank: int) -> dict[str, torch.Tensor]:
-        indices = self.plan.micro_batch_indices(step, micro_step, rank)
-        windows = self.windows.get(self.order.windows(indices))
-        seeds = [sample_seed(self.cfg.train.seed, self.order.epoch_of(int(g)), int(g)) for g in indices]
-        return self.collator(windows, seeds)
+        return self.data.get_batch(self.plan.micro_batch_indices(step, micro_step, rank))
 
     def maybe_log(self, result: StepResult) -> None:
         self._window.add(result)
@@ -235,15 +235,15 @@ class Trainer:
         if step % self.cfg.train.log_every and step != self.cfg.train.steps:
             return
         mean_loss = self._window.mean_loss_all_ranks()
-        metrics = self._window.rates(self.plan.global_batch_size, self.windows.pack_length)
+        metrics = self._window.rates(self.plan.global_batch_size, self.data.tokens_per_sample)
         metrics.update({
             "train/loss": mean_loss,
             "train/lr": self.cfg.train.lr * lr_factor(step - 1, self.cfg.train),  # of the last update
             "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
-            "train/epoch": self.state.consumed_samples / len(self.windows),
+            "train/epoch": self.state.consumed_samples / self.data.num_samples,
             "train/nonfinite_skips": self.state.nonfinite_skips,
             "train/error_rate": self.state.nonfinite_skips / step,  # failed steps / steps
-            "train/epoch_time_s": len(self.windows) / metrics["train/samples_per_s"],  # at the current rate
+            "train/epoch_time_s": self.data.num_samples / metrics["train/samples_per_s"],  # at the current rate
             "train/peak_memory_gib": peak_memory_gib(),
         })
         peak_flops = self.cfg.telemetry.peak_flops_per_device
@@ -280,8 +280,9 @@ class Trainer:
         batch = self.load_batch(0, 0, 0)  # the same fixed batch on every rank
         engine_logits = self.engine_logits(batch)
         if self.rank == 0:
-            self.export_and_verify(tag, batch, engine_logits)
-        dist.barrier()
+            model = self.export_and_verify(tag, batch, engine_logits)
+            self.maybe_evaluate(model)
+        dist.barrier()  # the other ranks wait for rank 0's export (and evaluation)
 
     def engine_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Collective under ZeRO-3 (parameters are gathered layer by layer)."""
@@ -291,7 +292,10 @@ class Trainer:
         self.engine.train()
         return logits
 
-    def export_and_verify(self, tag: str, batch: dict[str, torch.Tensor], engine_logits: torch.Tensor) -> None:
+    def export_and_verify(self, tag: str, batch: dict[str, torch.Tensor],
+                          engine_logits: torch.Tensor) -> torch.nn.Module:
+        """Rank 0: the HF export of checkpoint `tag`, checked against the engine; returns the
+        exported model (loaded, in eval mode)."""
         export_dir = self.run_dir / "export"
         model = build_model(self.cfg.model, len(self.tokenizer))
         ckpt.export_hf(model, ckpt.consolidated_state_dict(self.run_dir, tag), Path(self.cfg.run.tokenizer_dir),
@@ -305,6 +309,24 @@ class Trainer:
         self.logger.log({"export/max_abs_logit_diff": max_diff}, self.state.step)
         if self.logger.mlflow is not None and self.cfg.mlflow.log_model:
             self.logger.mlflow.log_artifact(export_dir, "export")
+        return model
+
+    def maybe_evaluate(self, model: torch.nn.Module) -> None:
+        """Rank 0: greedy generation on the task's eval split with the exported model (why not
+        the engine: trainer/seq2seq.py), scored by the task; figures as eval/* metrics."""
+        task = self.data.task
+        if task is None or not self.cfg.eval.enabled:
+            return
+        model.to(self.engine.device)
+        result, predictions = evaluate_split(model, self.tokenizer, task, self.cfg.eval, self.cfg.objective,
+                                             self.run_dir)
+        log.info("evaluation on %s (%d examples):\n%s", self.cfg.eval.split, len(task.splits[self.cfg.eval.split]),
+                 result.report)
+        self.logger.log({f"eval/{name}": value for name, value in result.metrics.items()}, self.state.step)
+        if self.logger.mlflow is not None:
+            for path in result.files:
+                self.logger.mlflow.log_artifact(path, "eval")
+            self.logger.mlflow.log_artifact(predictions, "predictions")
 
     def close(self, status: str) -> None:
         self.telemetry.stop()  # first: its last samples (and the relayed ones) go into the run
@@ -365,14 +387,15 @@ class _LogWindow:
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
 
-    def rates(self, global_batch: int, pack_length: int) -> dict[str, float]:
+    def rates(self, global_batch: int, tokens_per_sample: int) -> dict[str, float]:
         step_s = self.step_s / self.steps
         return {
             "train/step_time_s": step_s,
             "train/data_wait_share": self.data_s / self.step_s,
             "train/samples_per_s": global_batch / step_s,
-            # tokens = packed-window tokens consumed (input_length 512 -> 568 per sample)
-            "train/tokens_per_s": global_batch * pack_length / step_s,
+            # tokens = the data's tokens per sample: packed-window tokens (input_length 512 -> 568) for
+            # span corruption, input_length + target_length (padding included) for seq2seq
+            "train/tokens_per_s": global_batch * tokens_per_sample / step_s,
         }
 
 

@@ -1,0 +1,93 @@
+"""The seq2seq objective: supervised text-to-text fine-tuning of a T5 on a task's examples
+(`task:` section, finetune.tasks), and its evaluation by greedy generation after the last step.
+
+Training data: the task's train split, tokenized once (finetune.seq2seq.tokenize_examples) on
+every rank (the same files read the same way: the same arrays), served in the order of
+trainer.data.SampleOrder, so resume and world-size changes keep the batches of an
+uninterrupted run, as with span corruption.
+
+Evaluation runs on rank 0 only, from the exported Hugging Face model (RUN_DIR/export), not the
+engine: under ZeRO-3 every rank would have to join every decoder step of every rank's
+generation (transformers' `synced_gpus`), and an exception in one rank's batch would hang the
+others. The exported model is the artifact users get, so scoring it is also the honest figure.
+The other ranks wait at the final barrier meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune.seq2seq import Seq2SeqLengths, generate_predictions, get_batch, tokenize_examples, write_predictions
+from finetune.tasks import EvalResult, TaskData
+from trainer.data import SampleOrder
+
+log = logging.getLogger("trainer.seq2seq")
+
+
+class Seq2SeqConfig(Seq2SeqLengths):
+    """Seq2seq fine-tuning on the examples of the job's `task:` section (T5 encoder-decoder)."""
+
+    name: Literal["seq2seq"] = Field(description="Objective name; selects this objective.")
+
+
+class EvalConfig(BaseModel):
+    """Evaluation after the last step (objective seq2seq): greedy generation, scored by the task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="evaluate after the last step (seq2seq objective)")
+    split: Literal["test", "validation"] = Field("test", description="the task split to generate for")
+    batch_size: int = Field(32, gt=0, description="examples per generate() call")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="tokens generated per example at most; default objective.target_length")
+
+
+class Seq2SeqData:
+    """The task's training examples as fixed-size token arrays, read in SampleOrder."""
+
+    def __init__(self, task: TaskData, tokenizer, lengths: Seq2SeqLengths, seed: int):
+        self.task = task
+        self.examples = tokenize_examples(task.splits["train"], tokenizer, lengths)
+        if not len(self.examples):
+            raise ValueError(f"no training example left after tokenizing:\n{self.examples.summary()}")
+        self.order = SampleOrder(len(self.examples), seed)
+        self.num_samples = len(self.examples)
+        self.tokens_per_sample = lengths.input_length + lengths.target_length  # padded, as computed
+
+    def get_batch(self, global_indices: np.ndarray) -> dict:
+        return get_batch(self.examples, self.order.windows(global_indices))
+
+    def summary(self) -> str:
+        return f"{self.task.summary()}\n{self.examples.summary()}"
+
+
+def evaluate_split(model, tokenizer, task: TaskData, cfg: EvalConfig, lengths: Seq2SeqLengths,
+                   run_dir: Path) -> tuple[EvalResult, Path]:
+    """Generate for every example of the split, write RUN_DIR/predictions/<split>.jsonl and the
+    task's report files under RUN_DIR/eval/; the metrics include the generation's own figures."""
+    examples = task.splits[cfg.split]
+    start = time.perf_counter()
+    records = generate_predictions(model, tokenizer, examples, cfg.batch_size,
+                                   cfg.max_new_tokens or lengths.target_length, lengths.input_length)
+    generate_s = time.perf_counter() - start
+    predictions_path = write_predictions(records, run_dir / "predictions" / f"{cfg.split}.jsonl")
+    num_errors = sum(r["error"] is not None for r in records)
+    if num_errors:
+        log.warning("%d of %d examples failed to generate (empty predictions); first error: %s", num_errors,
+                    len(records), next(r["error"] for r in records if r["error"]))
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = task.evaluate(examples, [r["prediction"] for r in records], out_dir, cfg.split)
+    result.metrics.update(num_examples=len(records), num_errors=num_errors, generate_s=generate_s,
+                          latency_ms=float(np.mean([r["latency_ms"] for r in records])) if records else 0.0)
+    metrics_path = out_dir / f"{cfg.split}_metrics.json"
+    metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
+    result.files.append(metrics_path)
+    return result, predictions_path
