@@ -34,17 +34,24 @@ Message = dict[str, str]
 Segment = tuple[str, bool]  # (text, trained on)
 
 
-class ChatConfig(BaseModel):
-    """Chat SFT data: the file and how examples become fixed-length windows."""
+class ChatWindowsConfig(BaseModel):
+    """How tokenised conversations become fixed-length training windows (the causal_lm objective's
+    fields: trainer/causal_lm.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="chat JSON lines: {\"messages\": [{\"role\", \"content\"}]}")
     max_length: int = Field(2048, gt=1, description="tokens per training window")
     pack: bool = Field(True, description="pack several conversations into each window (else one per window)")
     overlong: Literal["drop", "truncate"] = Field(
         "drop", description="a conversation longer than max_length: drop it, or keep its first max_length tokens "
-                            "(both counted in the build report)")
+                            "(both counted in the build report; a truncated one left without a model token is "
+                            "dropped)")
+
+
+class ChatConfig(ChatWindowsConfig):
+    """Chat SFT data: the file and how examples become fixed-length windows."""
+
+    path: str = Field(description="chat JSON lines: {\"messages\": [{\"role\", \"content\"}]}")
 
 
 class ChatFormatError(ValueError):
@@ -173,9 +180,11 @@ def fit_examples(examples: list[TokenizedChat], max_length: int, overlong: str) 
     for example in examples:
         if len(example) <= max_length:
             kept.append(example)
-        elif overlong == "truncate":
+        elif overlong == "truncate" and any(example.loss_mask[:max_length]):
             kept.append(TokenizedChat(example.input_ids[:max_length], example.loss_mask[:max_length]))
             num_truncated += 1
+        # Dropped too: a truncation that keeps no model token (a window of only such examples
+        # would have no label, and the mean loss over zero tokens is NaN).
         else:
             num_dropped += 1
     return kept, num_dropped, num_truncated

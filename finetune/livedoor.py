@@ -45,8 +45,9 @@ GENRE_NAMES: dict[str, str] = {
 }
 
 
-class LivedoorConfig(BaseModel):
-    """The livedoor genre classification task."""
+class LivedoorSplitConfig(BaseModel):
+    """The livedoor tarball and its train/valid/test split (shared by the classification task and
+    the chat SFT set built from the same articles: finetune.chat.build_livedoor_sft)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -55,16 +56,21 @@ class LivedoorConfig(BaseModel):
     train_fraction: float = Field(0.70, gt=0, lt=1, description="share of articles for training")
     valid_fraction: float = Field(0.15, ge=0, lt=1, description="share of articles for validation")
     test_fraction: float = Field(0.15, gt=0, lt=1, description="share of articles for the test report")
-    target: Literal["index", "genre"] = Field(
-        "index", description="what the model writes: the genre's index in the sorted genres ('0'..'8') or its "
-                             "directory name (dokujo-tsushin, ...)")
 
     @model_validator(mode="after")
-    def _fractions_sum_to_one(self) -> "LivedoorConfig":
+    def _fractions_sum_to_one(self) -> "LivedoorSplitConfig":
         total = self.train_fraction + self.valid_fraction + self.test_fraction
         if abs(total - 1) > 1e-6:
             raise ValueError(f"train_fraction + valid_fraction + test_fraction must be 1, got {total:g}")
         return self
+
+
+class LivedoorConfig(LivedoorSplitConfig):
+    """The livedoor genre classification task."""
+
+    target: Literal["index", "genre"] = Field(
+        "index", description="what the model writes: the genre's index in the sorted genres ('0'..'8') or its "
+                             "directory name (dokujo-tsushin, ...)")
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ def get_labels(genres: list[str], target: str) -> dict[str, str]:
     return {genre: str(index) if target == "index" else genre for index, genre in enumerate(sorted(genres))}
 
 
-def split_articles(articles: list[Article], cfg: LivedoorConfig) -> dict[str, list[Article]]:
+def split_articles(articles: list[Article], cfg: LivedoorSplitConfig) -> dict[str, list[Article]]:
     """train/valid/test by one seeded shuffle of the sorted articles (the same split everywhere).
 
     Test and valid sizes are rounded (7,367 x 0.15 -> 1,105); training takes the rest.

@@ -1,14 +1,22 @@
-"""The job file's `task:` section: which fine-tuning task a seq2seq run reads, as one union on
-`name`, and what the trainer needs of any task: its splits and an evaluator that writes the report.
+"""The job file's `task:` section: which fine-tuning task a run reads, as one union on `name`,
+and what the trainer needs of any task: its splits (and, for seq2seq, an evaluator that writes
+the report). Each objective reads its own kind of task (OBJECTIVE_TASKS):
 
+seq2seq (text-to-text Examples, scored by generation):
 - `livedoor`: genre classification (finetune.livedoor); evaluation is scikit-learn's
   classification report + a confusion-matrix PNG.
 - `jglue`: one JGLUE task (`task: jsquad | jnli | jsts | jcommonsenseqa`, finetune.jglue).
   JGLUE's test labels are not public: its `eval_file` (valid-v1.1.json) serves both the
   `validation` and the `test` evaluation split.
 
-Token lengths are the objective's (`objective.input_length`, `objective.target_length`), not the
-task's: one place says how long a sequence is.
+causal_lm (conversations in Gemma's turn format, finetune.chat; scored by the eval split's loss):
+- `chat`: chat JSON lines; the optional `eval_file` serves both evaluation splits.
+- `livedoor_sft`: article -> title and article -> genre name, built from the livedoor tarball's
+  split (train for training, valid / test for the evaluation splits: no title or genre of an
+  evaluation article is trained on).
+
+Token lengths are the objective's (`objective.input_length`, `objective.max_length`, ...), not
+the task's: one place says how long a sequence is.
 """
 
 from __future__ import annotations
@@ -16,13 +24,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Union
+from typing import Callable, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from finetune import Example, ReadReport
+from finetune.chat import LivedoorSFTConfig, Message, build_livedoor_sft, read_chat_jsonl
 from finetune.jglue import JGLUEConfig, evaluate_task, read_task
-from finetune.livedoor import LivedoorConfig, build_livedoor_task, evaluate_livedoor
+from finetune.livedoor import (LivedoorConfig, LivedoorSplitConfig, build_livedoor_task, evaluate_livedoor,
+                               read_livedoor, split_articles)
 
 EVAL_SPLITS = ("test", "validation")
 
@@ -39,7 +49,30 @@ class JGLUETaskConfig(JGLUEConfig):
     name: Literal["jglue"] = Field(description="task name; selects this task")
 
 
-TaskConfig = Annotated[Union[LivedoorTaskConfig, JGLUETaskConfig], Field(discriminator="name")]
+class ChatTaskConfig(BaseModel):
+    """Chat SFT on JSON lines: {"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["chat"] = Field(description="task name; selects this task")
+    train_file: str = Field(description="chat JSON lines to train on")
+    eval_file: str | None = Field(
+        None, description="chat JSON lines to score after training (eval/loss); serves both eval splits")
+
+
+class LivedoorSFTTaskConfig(LivedoorSFTConfig, LivedoorSplitConfig):
+    """A Japanese chat SFT set from the livedoor tarball: article -> title, article -> genre name."""
+
+    name: Literal["livedoor_sft"] = Field(description="task name; selects this task")
+
+
+# The job file's union on `name` is trainer.config.TaskConfig.
+AnyTaskConfig = LivedoorTaskConfig | JGLUETaskConfig | ChatTaskConfig | LivedoorSFTTaskConfig
+
+# The tasks each fine-tuning objective reads: seq2seq's are text-to-text Examples, causal_lm's
+# conversations.
+OBJECTIVE_TASKS: dict[str, tuple[str, ...]] = {"seq2seq": ("livedoor", "jglue"),
+                                               "causal_lm": ("chat", "livedoor_sft")}
 
 
 @dataclass
@@ -68,11 +101,24 @@ class TaskData:
         return "\n".join([f"splits: {sizes}", *(report.summary() for report in self.reports)])
 
 
-def get_task_path_problems(cfg: LivedoorTaskConfig | JGLUETaskConfig) -> list[tuple[str, str]]:
+# The task fields that name input files (those set must exist).
+TASK_FILE_KEYS = ("path", "train_file", "eval_file")
+
+
+def get_task_path_problems(cfg: AnyTaskConfig) -> list[tuple[str, str]]:
     """(yaml path, message) for each input file of the task that does not exist."""
-    keys = ("path",) if isinstance(cfg, LivedoorTaskConfig) else ("train_file", "eval_file")
-    return [(f"task.{key}", f"{getattr(cfg, key)}: no such file") for key in keys
-            if not Path(getattr(cfg, key)).is_file()]
+    files = {key: getattr(cfg, key) for key in TASK_FILE_KEYS if getattr(cfg, key, None)}
+    return [(f"task.{key}", f"{path}: no such file") for key, path in files.items() if not Path(path).is_file()]
+
+
+def get_task_objective_problems(cfg: AnyTaskConfig, objective: str) -> list[tuple[str, str]]:
+    """A task of another objective's kind (a chat set under seq2seq, livedoor under causal_lm)."""
+    wanted = OBJECTIVE_TASKS.get(objective, ())
+    if cfg.name in wanted:
+        return []
+    owner = next((name for name, tasks in OBJECTIVE_TASKS.items() if cfg.name in tasks), "?")
+    return [("task.name", f"{cfg.name} is a task of objective {owner}; objective {objective} reads "
+                          f"{' or '.join(wanted)}")]
 
 
 def load_task(cfg: LivedoorTaskConfig | JGLUETaskConfig) -> TaskData:
@@ -124,3 +170,38 @@ def _load_jglue(cfg: JGLUETaskConfig) -> TaskData:
 
 
 _LOADERS: dict[str, Callable[..., TaskData]] = {"livedoor": _load_livedoor, "jglue": _load_jglue}
+
+
+# ---- chat tasks (objective causal_lm) -------------------------------------------------------
+
+@dataclass
+class ChatTaskData:
+    """A chat task's conversations by split ("train"; "validation" and "test" when it has them)."""
+
+    splits: dict[str, list[list[Message]]]
+    reports: list[ReadReport]
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{name} {len(conversations)}" for name, conversations in self.splits.items())
+        return "\n".join([f"conversations: {sizes}", *(report.summary() for report in self.reports)])
+
+
+def load_chat_task(cfg: ChatTaskConfig | LivedoorSFTTaskConfig) -> ChatTaskData:
+    """Read the task's conversations; deterministic, so every rank gets the same ones."""
+    if isinstance(cfg, LivedoorSFTTaskConfig):
+        return _load_livedoor_sft(cfg)
+    train, report = read_chat_jsonl(cfg.train_file)
+    splits, reports = {"train": train}, [report]
+    if cfg.eval_file:
+        held_out, eval_report = read_chat_jsonl(cfg.eval_file)
+        splits.update(validation=held_out, test=held_out)
+        reports.append(eval_report)
+    return ChatTaskData(splits, reports)
+
+
+def _load_livedoor_sft(cfg: LivedoorSFTTaskConfig) -> ChatTaskData:
+    corpus = read_livedoor(cfg.path)
+    parts = split_articles(corpus.articles, cfg)
+    names = {"train": "train", "validation": "valid", "test": "test"}
+    splits = {split: build_livedoor_sft(parts[part], cfg) for split, part in names.items() if parts[part]}
+    return ChatTaskData(splits, [corpus.report])

@@ -62,16 +62,19 @@ class JobConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="job name: run directory and MLflow run name")
     output_dir: str = Field("runs", description="root of run directories; the run directory is output_dir/name")
     data: DataConfig | None = Field(
-        None, description="corpora and data-prep outputs; required by objective span_corruption (seq2seq reads "
-                          "its task instead)")
+        None, description="corpora and data-prep outputs; required by objective span_corruption (seq2seq and "
+                          "causal_lm read their task instead)")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="SentencePiece tokenizer")
     model: ModelConfig = Field(default_factory=ModelConfig, description="model preset and overrides")
     objective: ObjectiveConfig = Field(
         default_factory=SpanCorruptionConfig,
-        description="training objective, by `name`: span_corruption (default) or seq2seq (needs `task`)")
+        description="training objective, by `name`: span_corruption (default), seq2seq or causal_lm (both need "
+                    "`task`)")
     task: TaskConfig | None = Field(
-        None, description="the fine-tuning task of objective seq2seq, by `name`: livedoor or jglue")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation after the last step (seq2seq)")
+        None, description="the fine-tuning task, by `name`: livedoor or jglue (objective seq2seq), chat or "
+                          "livedoor_sft (objective causal_lm)")
+    eval: EvalConfig = Field(default_factory=EvalConfig,
+                             description="evaluation after the last step (seq2seq, causal_lm)")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed settings file")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")

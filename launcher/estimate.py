@@ -71,15 +71,28 @@ def get_model_size(model_cfg, tokenizer_size: int) -> ModelSize:
     """Exact counts from the model built on the meta device (no memory, no weights)."""
     import torch
 
-    from trainer.model import build_model
-
     with torch.device("meta"):
-        model = build_model(model_cfg, tokenizer_size)
+        model = _build_meta_model(model_cfg, tokenizer_size)
     # parameters() yields a tied weight once (T5's and Gemma's shared embedding); DeepSpeed's
     # own model_to_params dedups by data_ptr, which is 0 for every tensor on the meta device.
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
     return ModelSize(total, largest)
+
+
+def _build_meta_model(model_cfg, tokenizer_size: int):
+    """The job's model without weights: from `model.init_from`'s config.json when that exists
+    (the model the job will train: from_pretrained cannot load onto the meta device), else
+    from the preset (a directory not downloaded yet: the preset is what it should hold)."""
+    from trainer.model import ARCHITECTURES, PRESETS, _transformers_class, build_model
+
+    config_file = Path(model_cfg.init_from) / "config.json" if model_cfg.init_from else None
+    if config_file is None or not config_file.is_file():
+        return build_model(model_cfg.model_copy(update={"init_from": None}), tokenizer_size)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(config_file.parent, **model_cfg.overrides)
+    return _transformers_class(ARCHITECTURES[PRESETS[model_cfg.preset]["architecture"]][1])(config)
 
 
 def _zero2(size: ModelSize, num_nodes: int, gpus_per_node: int, offload: str, buffer: float) -> tuple[int, int]:

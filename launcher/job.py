@@ -17,8 +17,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from data_prep.config import DataConfig
 from launcher.config import JobConfig
 from launcher.ds_config import BatchSizes, get_ds_config_problems, read_ds_config, resolve_ds_config_path
-from finetune.tasks import get_task_path_problems
-from trainer.model import get_init_from_problems, get_model_problems, is_causal_lm
+from finetune.tasks import OBJECTIVE_TASKS, TASK_FILE_KEYS, get_task_objective_problems, get_task_path_problems
+from trainer.model import get_causal_lm_presets, get_init_from_problems, get_model_problems, is_causal_lm
 
 Problem = tuple[str, str]  # (yaml path, what is wrong and what was expected)
 
@@ -81,12 +81,13 @@ def format_loc(loc: tuple) -> str:
 
 
 # Sections that are unions on `name`: pydantic puts the chosen member's tag in an error's
-# location (objective.seq2seq.typo); the YAML path has no such level (objective.typo).
+# location (objective.seq2seq.typo; task.livedoor for the member's own validator); the YAML path
+# has no such level (objective.typo; task).
 UNION_SECTIONS = ("objective", "task")
 
 
 def _yaml_loc(loc: tuple) -> tuple:
-    if len(loc) > 2 and loc[0] in UNION_SECTIONS:
+    if len(loc) >= 2 and loc[0] in UNION_SECTIONS:
         return (loc[0], *loc[2:])
     return loc
 
@@ -174,8 +175,8 @@ def resolve_paths(sections: dict[str, BaseModel], raw: dict, base_dir: Path) -> 
         sections["model"].init_from = absolute(sections["model"].init_from)
     if "task" in sections:
         task = sections["task"]
-        for key in ("path", "train_file", "eval_file"):
-            if hasattr(task, key):
+        for key in TASK_FILE_KEYS:
+            if getattr(task, key, None):  # a chat task's eval_file may be unset
                 setattr(task, key, absolute(getattr(task, key)))
     if "deepspeed" in sections:
         ds = sections["deepspeed"]
@@ -195,9 +196,8 @@ def cross_check(s: dict[str, BaseModel], given: set[str] = frozenset()) -> list[
     if "model" in s:
         problems += get_model_problems(s["model"])
         problems += get_init_from_problems(s["model"].init_from) if s["model"].init_from else []
-    if "model" in s and "objective" in s and not get_model_problems(s["model"]) and is_causal_lm(s["model"]):
-        problems.append(("model.preset", f"{s['model'].preset} is a causal LM; objective "
-                         f"{s['objective'].name} needs an encoder-decoder (T5) preset"))
+    if "model" in s and "objective" in s and not get_model_problems(s["model"]):
+        problems += _preset_problems(s["model"].preset, is_causal_lm(s["model"]), s["objective"].name)
     problems += _objective_problems(s, given)
     if "data" in s and "objective" in s and hasattr(s["objective"], "expanded_length"):
         want = s["objective"].expanded_length
@@ -211,8 +211,20 @@ def cross_check(s: dict[str, BaseModel], given: set[str] = frozenset()) -> list[
     return problems
 
 
+def _preset_problems(preset: str, causal: bool, objective: str) -> list[Problem]:
+    """causal_lm trains a decoder-only LM; span corruption and seq2seq an encoder-decoder."""
+    if causal and objective != "causal_lm":
+        return [("model.preset", f"{preset} is a causal LM; objective {objective} needs an encoder-decoder (T5) "
+                                 "preset (a causal LM trains with objective causal_lm)")]
+    if not causal and objective == "causal_lm":
+        return [("model.preset", f"{preset} is not a causal LM; objective causal_lm needs one of "
+                                 f"{', '.join(get_causal_lm_presets())}")]
+    return []
+
+
 def _objective_problems(s: dict[str, BaseModel], given: set[str]) -> list[Problem]:
-    """What each objective reads: span corruption data prep's token shards, seq2seq a task."""
+    """What each objective reads: span corruption data prep's token shards, seq2seq and causal_lm
+    a task of their own kind."""
     if "objective" not in s:
         return []
     name = s["objective"].name
@@ -220,7 +232,8 @@ def _objective_problems(s: dict[str, BaseModel], given: set[str]) -> list[Proble
         problems = [] if "data" in s or "data" in given else [
             ("data", "required key is missing: objective span_corruption trains on data prep's token shards")]
         if "task" in s or "task" in given:
-            problems.append(("task", "only objective seq2seq reads a task; set objective.name=seq2seq or remove it"))
+            problems.append(("task", "objective span_corruption reads no task (seq2seq and causal_lm do); set "
+                                     "objective.name or remove it"))
         return problems
     problems = []
     if "model" in s and not s["model"].init_from and "data" not in given and not (
@@ -228,9 +241,11 @@ def _objective_problems(s: dict[str, BaseModel], given: set[str]) -> list[Proble
         problems.append(("model.init_from", f"objective {name} needs a tokenizer: set model.init_from (a `t5ja "
                          "export` directory), or tokenizer.path / data for a randomly initialised preset"))
     if "task" in given:  # reported as it is, or valid
-        return problems + (get_task_path_problems(s["task"]) if "task" in s else [])
+        if "task" not in s:
+            return problems
+        return problems + get_task_objective_problems(s["task"], name) + get_task_path_problems(s["task"])
     return problems + [("task", f"required key is missing: objective {name} trains on a task's examples "
-                                "(task.name: livedoor or jglue)")]
+                                f"(task.name: {' or '.join(OBJECTIVE_TASKS[name])})")]
 
 
 def _batch_sizes(s: dict[str, BaseModel]) -> BatchSizes:
@@ -275,7 +290,7 @@ def check_launchable(job: JobConfig, source: str) -> None:
 
 
 def check_preppable(job: JobConfig, source: str) -> None:
-    """`t5ja prep` needs corpora to prepare: a fine-tuning job (objective seq2seq) reads its
+    """`t5ja prep` needs corpora to prepare: a fine-tuning job (seq2seq, causal_lm) reads its
     task's files itself and may have no `data` section."""
     if job.data is None:
         raise ConfigError(source, [("data", f"`t5ja prep` prepares the corpora of a `data` section, and this job "

@@ -51,7 +51,7 @@ def get_tokenizer_dir(job: JobConfig) -> str:
 
 def _run_info(job: JobConfig, batch: BatchSizes) -> RunInfo:
     run_dir = job.run_dir
-    # Only span corruption reads data prep's token shards; seq2seq reads its task's files.
+    # Only span corruption reads data prep's token shards; seq2seq and causal_lm read their task's files.
     uses_tokens = job.data is not None and job.objective.name == "span_corruption"
     return RunInfo(
         run_dir=str(run_dir),

@@ -109,3 +109,17 @@ def test_cli_prints_the_table_and_refuses_a_bad_gpu_size(capsys):
     assert "t5-base-ja: 222,903,552 parameters" in out and "ZeRO-3 optimizer+params" in out
     assert main(["estimate", str(ROOT / "configs/t5-base-ja.yaml"), "--gpu-memory-gib", "-1"]) == 2
     assert "gpu_memory_gib" in capsys.readouterr().err
+
+
+def test_init_from_is_sized_from_its_config_and_a_missing_one_from_the_preset(tmp_path):
+    """from_pretrained cannot load onto the meta device: the directory's config.json is built
+    instead (the model the job trains), and the preset stands in until the directory exists."""
+    from transformers import GemmaConfig
+
+    GemmaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32).save_pretrained(tmp_path / "model")
+    size = get_model_size(ModelConfig(preset="gemma-7b", init_from=str(tmp_path / "model")), 0)
+    attention = 2 * 64 * (2 * 32) + 2 * 64 * (1 * 32)  # q, o: 2 heads; k, v: 1 KV head; head_dim 32
+    assert size.total_params == 1000 * 64 + 3 * (attention + 3 * 64 * 128 + 2 * 64) + 64
+    missing = ModelConfig(preset="gemma-7b", init_from=str(tmp_path / "not-downloaded-yet"))
+    assert get_model_size(missing, 0) == GEMMA_7B

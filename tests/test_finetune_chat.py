@@ -98,12 +98,14 @@ def test_packing_fills_windows_in_order_and_masks_labels():
 
 
 def test_unpacked_and_overlong_are_counted():
-    examples = [_example(3, 2), _example(40, 2)]
+    examples = [_example(3, 2), _example(40, 2), _example(3, 40)]  # 21, 51 and 59 tokens
     dropped = build_windows(examples, max_length=30, pad_id=PAD, pack=False)
-    assert dropped.input_ids.shape == (1, 30) and dropped.counts["num_dropped_overlong"] == 1
+    assert dropped.input_ids.shape == (1, 30) and dropped.counts["num_dropped_overlong"] == 2
     truncated = build_windows(examples, max_length=30, pad_id=PAD, pack=False, overlong="truncate")
+    # The second is cut inside the user turn: nothing left to learn, so it is dropped, not kept.
     assert truncated.input_ids.shape == (2, 30) and truncated.counts["num_truncated_overlong"] == 1
-    assert (truncated.labels[1] == IGNORE_INDEX).all()  # cut inside the user turn: nothing to learn
+    assert truncated.counts["num_dropped_overlong"] == 1
+    assert decode(truncated.input_ids[1][truncated.labels[1] != IGNORE_INDEX]) == "い" * 11
 
 
 def test_config_validation_names_keys():

@@ -1,5 +1,6 @@
-"""The seq2seq job schema: the objective and task unions on `name`, model.init_from, eval, and
-that every problem is reported at once with its YAML path (no torchrun, no model)."""
+"""The fine-tuning job schema (seq2seq, causal_lm): the objective and task unions on `name`,
+model.init_from, eval, and that every problem is reported at once with its YAML path (no
+torchrun, no model)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ def files(tmp_path) -> dict[str, Path]:
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "spiece.model").write_bytes(b"")
-    for name in ("ldcc.tar.gz", "train.json", "valid.json"):
+    for name in ("ldcc.tar.gz", "train.json", "valid.json", "chat.jsonl"):
         (tmp_path / name).write_bytes(b"")
     return {"model": model, "tarball": tmp_path / "ldcc.tar.gz", "train": tmp_path / "train.json",
-            "valid": tmp_path / "valid.json"}
+            "valid": tmp_path / "valid.json", "chat": tmp_path / "chat.jsonl"}
 
 
 def seq2seq_job(files: dict[str, Path], **sections) -> dict:
@@ -39,6 +40,13 @@ def seq2seq_job(files: dict[str, Path], **sections) -> dict:
            "launcher": {"nproc_per_node": 2}}
     job.update(sections)
     return {k: v for k, v in job.items() if v is not None}
+
+
+def causal_lm_job(files: dict[str, Path], **sections) -> dict:
+    defaults = {"model": {"preset": "gemma-tiny", "init_from": str(files["model"])},
+                "objective": {"name": "causal_lm", "max_length": 256},
+                "task": {"name": "chat", "train_file": str(files["chat"])}}
+    return seq2seq_job(files, **{**defaults, **sections})
 
 
 def load(tmp_path: Path, job: dict, overrides: list[str] = ()):
@@ -98,7 +106,7 @@ def test_objective_name_and_sections_agree(tmp_path, files):
     found = problems(tmp_path, seq2seq_job(files), ["objective.name=span_corruption"])
     # span corruption: no task allowed, data required; its own keys are checked too
     assert set(found) == {"task", "data", "objective.target_length"}
-    assert "span_corruption (default) or seq2seq" in problems(tmp_path, seq2seq_job(files), ["objective.name=mlm"])["objective"]
+    assert "span_corruption (default), seq2seq or causal_lm" in problems(tmp_path, seq2seq_job(files), ["objective.name=mlm"])["objective"]
 
 
 def test_seq2seq_without_init_from_needs_a_tokenizer(tmp_path, files):
@@ -157,3 +165,68 @@ def test_prep_refuses_a_job_without_data_and_says_why(tmp_path, files):
     assert result.returncode == 2, result.stderr
     assert "data: `t5ja prep` prepares the corpora of a `data` section" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_causal_lm_job_reads_a_chat_task(tmp_path, files):
+    job = load(tmp_path, causal_lm_job(files))
+    assert job.objective.name == "causal_lm" and job.objective.pack and job.objective.overlong == "drop"
+    assert job.task.name == "chat" and job.task.eval_file is None and job.data is None
+    job = load(tmp_path, causal_lm_job(files), [f"task.eval_file={files['chat']}", "objective.pack=false"])
+    assert job.task.eval_file == str(files["chat"]) and not job.objective.pack
+    run = plan_run(job).config["run"]
+    assert run["tokens_dir"] is None and run["tokenizer_dir"] == str(files["model"])
+    sft = load(tmp_path, causal_lm_job(files, task={"name": "livedoor_sft", "path": str(files["tarball"]),
+                                                    "tasks": ["genre"]}))
+    assert sft.task.tasks == ["genre"] and sft.task.seed == 1234 and sft.task.max_article_chars == 1000
+
+
+def test_causal_lm_problems_all_at_once(tmp_path, files):
+    job = causal_lm_job(files, model={"preset": "t5-tiny", "init_from": str(files["model"])},
+                        task={"name": "chat", "train_file": str(tmp_path / "none.jsonl"),
+                              "eval_file": str(tmp_path / "nor.jsonl")})
+    job["objective"]["input_length"] = 64  # a seq2seq key
+    found = problems(tmp_path, job)
+    assert set(found) == {"model.preset", "objective.input_length", "task.train_file", "task.eval_file"}
+    assert "t5-tiny is not a causal LM; objective causal_lm needs one of gemma-2b, gemma-7b, gemma-tiny" \
+        in found["model.preset"]
+    assert "no such file" in found["task.train_file"] and "no such file" in found["task.eval_file"]
+
+
+def test_the_task_must_suit_the_objective(tmp_path, files):
+    found = problems(tmp_path, causal_lm_job(files, task={"name": "livedoor", "path": str(files["tarball"])}))
+    assert found == {"task.name": "livedoor is a task of objective seq2seq; objective causal_lm reads chat or "
+                                  "livedoor_sft"}
+    found = problems(tmp_path, seq2seq_job(files, task={"name": "chat", "train_file": str(files["chat"])}))
+    assert found == {"task.name": "chat is a task of objective causal_lm; objective seq2seq reads livedoor or jglue"}
+    found = problems(tmp_path, causal_lm_job(files, task=None))
+    assert "required key is missing" in found["task"] and "chat or livedoor_sft" in found["task"]
+    assert "livedoor_sft (causal_lm)" in problems(tmp_path, causal_lm_job(files, task={"path": "x"}))["task"]
+
+
+def test_causal_presets_are_refused_by_the_t5_objectives(tmp_path, files):
+    found = problems(tmp_path, seq2seq_job(files), ["model.preset=gemma-tiny"])
+    assert set(found) == {"model.preset"} and "gemma-tiny is a causal LM; objective seq2seq" in found["model.preset"]
+    found = problems(tmp_path, causal_lm_job(files), ["objective.name=span_corruption"])
+    assert "gemma-tiny is a causal LM; objective span_corruption" in found["model.preset"]
+
+
+def test_livedoor_sft_split_fractions_are_checked(tmp_path, files):
+    task = {"name": "livedoor_sft", "path": str(files["tarball"]), "test_fraction": 0.5}
+    found = problems(tmp_path, causal_lm_job(files, task=task))
+    assert set(found) == {"task"} and "must be 1" in found["task"]
+    found = problems(tmp_path, causal_lm_job(files, task={**task, "test_fraction": 0.15, "tasks": ["summary"]}))
+    assert set(found) == {"task.tasks[0]"}
+
+
+def test_planning_a_causal_lm_run_does_not_import_torch(tmp_path, files):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(causal_lm_job(files, output_dir=str(tmp_path / "runs"))))
+    code = ("import sys; from launcher.job import load_job; from launcher.run import plan_run, write_run; "
+            f"write_run(plan_run(load_job({str(job)!r}))); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+    config = json.loads((tmp_path / "runs" / "ft" / "config.json").read_text())
+    assert config["objective"] == {"name": "causal_lm", "max_length": 256, "pack": True, "overlong": "drop"}
+    assert config["task"]["eval_file"] is None

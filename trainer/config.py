@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from trainer.checkpoint import CheckpointConfig
 from trainer.metrics import MLflowConfig
-from finetune.tasks import JGLUETaskConfig, LivedoorTaskConfig
+from finetune.tasks import ChatTaskConfig, JGLUETaskConfig, LivedoorSFTTaskConfig, LivedoorTaskConfig
+from trainer.causal_lm import CausalLMConfig
 from trainer.model import ModelConfig
 from trainer.seq2seq import EvalConfig, Seq2SeqConfig
 from trainer.span_corruption import SpanCorruptionConfig
@@ -38,14 +39,17 @@ def _task_name(value: Any) -> str | None:
 
 # One union per section, keyed by `name`: the YAML says which schema applies.
 ObjectiveConfig = Annotated[
-    Union[Annotated[SpanCorruptionConfig, Tag("span_corruption")], Annotated[Seq2SeqConfig, Tag("seq2seq")]],
+    Union[Annotated[SpanCorruptionConfig, Tag("span_corruption")], Annotated[Seq2SeqConfig, Tag("seq2seq")],
+          Annotated[CausalLMConfig, Tag("causal_lm")]],
     Discriminator(_objective_name, custom_error_type="objective_name",
-                  custom_error_message="name must be span_corruption (default) or seq2seq"),
+                  custom_error_message="name must be span_corruption (default), seq2seq or causal_lm"),
 ]
 TaskConfig = Annotated[
-    Union[Annotated[LivedoorTaskConfig, Tag("livedoor")], Annotated[JGLUETaskConfig, Tag("jglue")]],
+    Union[Annotated[LivedoorTaskConfig, Tag("livedoor")], Annotated[JGLUETaskConfig, Tag("jglue")],
+          Annotated[ChatTaskConfig, Tag("chat")], Annotated[LivedoorSFTTaskConfig, Tag("livedoor_sft")]],
     Discriminator(_task_name, custom_error_type="task_name",
-                  custom_error_message="name is required: livedoor or jglue"),
+                  custom_error_message="name is required: livedoor or jglue (seq2seq), chat or livedoor_sft "
+                                       "(causal_lm)"),
 ]
 
 
@@ -90,7 +94,7 @@ class RunInfo(BaseModel):
     run_dir: str = Field(description="the run directory (absolute)")
     ds_config: str = Field(description="the filled DeepSpeed config this run uses")
     tokens_dir: str | None = Field(
-        None, description="packed token shards written by data prep (span corruption; None for seq2seq)")
+        None, description="packed token shards written by data prep (span corruption; None for fine-tuning)")
     tokenizer_dir: str = Field(description="Hugging Face tokenizer directory: model.init_from's, else data prep's")
     world_size: int = Field(description="number of training processes")
     gradient_accumulation_steps: int = Field(description="micro-steps per optimizer step")

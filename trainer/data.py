@@ -1,8 +1,10 @@
 """Packed token windows, the order in which ranks read them, and the span-corruption data.
 
 Each objective's data object exposes what the training loop needs: `num_samples`,
-`tokens_per_sample` (for the throughput metrics), `get_batch(global_indices)` -> tensors, and
-`task` (the evaluation task, or None). Seq2seq's is trainer.seq2seq.Seq2SeqData.
+`tokens_per_sample` and `flops_per_sample(model_config)` (for the throughput metrics),
+`get_batch(global_indices)` -> the model's forward arguments, and `evaluate(model, eval_cfg,
+run_dir)` -> the evaluation after the last step (a finetune.tasks.EvalResult, or None).
+Seq2seq's is trainer.seq2seq.Seq2SeqData, causal_lm's trainer.causal_lm.CausalLMData.
 
 Token shards are Arrow IPC stream files written by data prep (`tokens/shard-*.arrow`, one
 column `input_ids: fixed_size_list<int32>[pack_length]`, described by `tokens/manifest.json`).
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from trainer.flops import t5_flops_per_sample
 from trainer.span_corruption import SpanCorruptionCollator, sample_seed
 
 
@@ -118,7 +121,7 @@ class SpanCorruptionData:
         self.collator = SpanCorruptionCollator(
             objective, eos_id=tokenizer.eos_token_id, first_sentinel_id=len(tokenizer) - 1
         )
-        self.task = None  # no evaluation task: the pretraining objective is scored by its loss
+        self.objective = objective
 
     def get_batch(self, global_indices: np.ndarray) -> dict:
         windows = self.windows.get(self.order.windows(global_indices))
@@ -127,3 +130,9 @@ class SpanCorruptionData:
 
     def summary(self) -> str:
         return f"{self.num_samples} packed windows of {self.tokens_per_sample} tokens"
+
+    def flops_per_sample(self, model_config) -> float:
+        return t5_flops_per_sample(model_config, self.objective.input_length, self.objective.target_length)
+
+    def evaluate(self, model, cfg, run_dir) -> None:
+        return None  # no evaluation task: the pretraining objective is scored by its training loss

@@ -23,3 +23,14 @@ def t5_flops_per_sample(config, input_length: int, target_length: int) -> float:
                               + config.num_decoder_layers * (target_length * target_length
                                                              + target_length * input_length))
     return float(matmuls + attention)
+
+
+def decoder_flops_per_sample(config, length: int) -> float:
+    """A transformers decoder-only config (Gemma, Llama layout: grouped KV heads, gated FFN,
+    the LM head over every position) on a window of `length` tokens, padding included."""
+    d, ff, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    layer = 2 * d * q_width + 2 * d * kv_width + 3 * d * ff  # q and o, k and v, the gated FFN
+    matmuls = 6 * (config.num_hidden_layers * layer + d * config.vocab_size) * length
+    attention = 12 * config.num_hidden_layers * q_width * length * length
+    return float(matmuls + attention)

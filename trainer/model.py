@@ -18,8 +18,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "t5": ("T5Config", "T5ForConditionalGeneration"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
 }
-# Architectures trained with a decoder-only objective (causal_lm comes with fine-tuning);
-# the pretraining objective, span corruption, needs an encoder-decoder.
+# Architectures trained with the decoder-only objective, causal_lm (chat SFT); span corruption
+# and seq2seq need an encoder-decoder.
 CAUSAL_LM_ARCHITECTURES = frozenset({"gemma"})
 
 # T5 v1.0 layout (Raffel et al. 2020): ReLU FFN, tied input/output embeddings. Special ids
@@ -134,6 +134,10 @@ def get_model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
 
 def is_causal_lm(cfg: ModelConfig) -> bool:
     return PRESETS[cfg.preset]["architecture"] in CAUSAL_LM_ARCHITECTURES
+
+
+def get_causal_lm_presets() -> list[str]:
+    return [name for name, preset in PRESETS.items() if preset["architecture"] in CAUSAL_LM_ARCHITECTURES]
 
 
 def round_up(value: int, multiple: int) -> int:

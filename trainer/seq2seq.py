@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from finetune.seq2seq import Seq2SeqLengths, generate_predictions, get_batch, tokenize_examples, write_predictions
 from finetune.tasks import EvalResult, TaskData
 from trainer.data import SampleOrder
+from trainer.flops import t5_flops_per_sample
 
 log = logging.getLogger("trainer.seq2seq")
 
@@ -38,15 +39,16 @@ class Seq2SeqConfig(Seq2SeqLengths):
 
 
 class EvalConfig(BaseModel):
-    """Evaluation after the last step (objective seq2seq): greedy generation, scored by the task."""
+    """Evaluation after the last step: seq2seq generates, scored by the task; causal_lm its mean token loss."""
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(True, description="evaluate after the last step (seq2seq objective)")
-    split: Literal["test", "validation"] = Field("test", description="the task split to generate for")
-    batch_size: int = Field(32, gt=0, description="examples per generate() call")
+    enabled: bool = Field(True, description="evaluate after the last step (objectives seq2seq and causal_lm)")
+    split: Literal["test", "validation"] = Field("test", description="the task split to evaluate on")
+    batch_size: int = Field(32, gt=0, description="examples per generate() call (seq2seq), windows per forward "
+                                                  "(causal_lm)")
     max_new_tokens: int | None = Field(
-        None, gt=0, description="tokens generated per example at most; default objective.target_length")
+        None, gt=0, description="seq2seq: tokens generated per example at most; default objective.target_length")
 
 
 class Seq2SeqData:
@@ -54,6 +56,8 @@ class Seq2SeqData:
 
     def __init__(self, task: TaskData, tokenizer, lengths: Seq2SeqLengths, seed: int):
         self.task = task
+        self.lengths = lengths
+        self.tokenizer = tokenizer  # generation decodes with it
         self.examples = tokenize_examples(task.splits["train"], tokenizer, lengths)
         if not len(self.examples):
             raise ValueError(f"no training example left after tokenizing:\n{self.examples.summary()}")
@@ -66,6 +70,16 @@ class Seq2SeqData:
 
     def summary(self) -> str:
         return f"{self.task.summary()}\n{self.examples.summary()}"
+
+    def flops_per_sample(self, model_config) -> float:
+        return t5_flops_per_sample(model_config, self.lengths.input_length, self.lengths.target_length)
+
+    def evaluate(self, model, cfg: EvalConfig, run_dir: Path) -> EvalResult:
+        """Greedy generation on split `cfg.split`, scored by the task; the predictions file is
+        among the result's files (RUN_DIR/predictions/, the report's under RUN_DIR/eval/)."""
+        result, predictions = evaluate_split(model, self.tokenizer, self.task, cfg, self.lengths, run_dir)
+        result.files.append(predictions)
+        return result
 
 
 def evaluate_split(model, tokenizer, task: TaskData, cfg: EvalConfig, lengths: Seq2SeqLengths,

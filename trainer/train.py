@@ -1,10 +1,11 @@
-"""The training loop: one DeepSpeed engine, the objective's batches (span corruption or seq2seq),
-named steps.
+"""The training loop: one DeepSpeed engine, the objective's batches (span corruption, seq2seq or
+causal_lm), named steps.
 
     maybe_resume -> log_run_start (restarts, crashes, bus bandwidth)
     while step < steps: train_step -> maybe_log -> maybe_checkpoint -> maybe_stop_for_preemption
     then: final checkpoint -> Hugging Face export (checked against the engine) -> maybe_evaluate
-    (seq2seq: generation on the task's eval split, report, eval/* metrics) -> close
+    (seq2seq: generation on the task's eval split, report; causal_lm: the eval split's loss;
+    eval/* metrics) -> close
 """
 
 from __future__ import annotations
@@ -22,19 +23,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from finetune.tasks import load_task
+from finetune.tasks import load_chat_task, load_task
 from trainer import checkpoint as ckpt
 from trainer import nonfinite, run_health
+from trainer.causal_lm import CausalLMData
 from trainer.config import WorkerConfig
 from trainer.data import BatchPlan, SpanCorruptionData
 from trainer.distributed import get_restart_count, ranks_flagging
 from trainer.faults import Faults
-from trainer.flops import t5_flops_per_sample
 from trainer.metrics import MetricLogger, build_metric_logger, flatten
 from trainer.model import build_model
 from trainer.optim import build_optimizer, build_scheduler, lr_factor
 from trainer.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, clear_marker, write_marker
-from trainer.seq2seq import Seq2SeqData, evaluate_split
+from trainer.seq2seq import Seq2SeqData
 from trainer.telemetry import start_node_telemetry
 
 log = logging.getLogger("trainer")
@@ -56,6 +57,8 @@ def build_train_data(cfg: WorkerConfig, tokenizer):
     objective = cfg.objective
     if objective.name == "seq2seq":
         return Seq2SeqData(load_task(cfg.task), tokenizer, objective, cfg.train.seed)
+    if objective.name == "causal_lm":
+        return CausalLMData(load_chat_task(cfg.task), tokenizer, objective, cfg.train.seed)
     return SpanCorruptionData(cfg.run.tokens_dir, objective, tokenizer, cfg.train.seed)
 
 
@@ -96,8 +99,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model, len(self.tokenizer))
         self.num_params = sum(p.numel() for p in model.parameters())
-        objective = cfg.objective
-        self.flops_per_sample = t5_flops_per_sample(model.config, objective.input_length, objective.target_length)
+        self.flops_per_sample = self.data.flops_per_sample(model.config)
         ds_config = json.loads(Path(cfg.run.ds_config).read_text())
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         optimizer = build_optimizer(model, cfg.train, is_offload_optimizer(ds_config))
@@ -312,21 +314,19 @@ class Trainer:
         return model
 
     def maybe_evaluate(self, model: torch.nn.Module) -> None:
-        """Rank 0: greedy generation on the task's eval split with the exported model (why not
-        the engine: trainer/seq2seq.py), scored by the task; figures as eval/* metrics."""
-        task = self.data.task
-        if task is None or not self.cfg.eval.enabled:
+        """Rank 0: the objective's evaluation on the task's eval split with the exported model (why
+        not the engine: trainer/seq2seq.py); figures as eval/* metrics, its files as artifacts."""
+        if not self.cfg.eval.enabled:
             return
         model.to(self.engine.device)
-        result, predictions = evaluate_split(model, self.tokenizer, task, self.cfg.eval, self.cfg.objective,
-                                             self.run_dir)
-        log.info("evaluation on %s (%d examples):\n%s", self.cfg.eval.split, len(task.splits[self.cfg.eval.split]),
-                 result.report)
+        result = self.data.evaluate(model, self.cfg.eval, self.run_dir)
+        if result is None:
+            return
+        log.info("evaluation on %s:\n%s", self.cfg.eval.split, result.report)
         self.logger.log({f"eval/{name}": value for name, value in result.metrics.items()}, self.state.step)
         if self.logger.mlflow is not None:
-            for path in result.files:
-                self.logger.mlflow.log_artifact(path, "eval")
-            self.logger.mlflow.log_artifact(predictions, "predictions")
+            for path in result.files:  # RUN_DIR/eval/*, RUN_DIR/predictions/*: the same folders in MLflow
+                self.logger.mlflow.log_artifact(path, path.parent.name)
 
     def close(self, status: str) -> None:
         self.telemetry.stop()  # first: its last samples (and the relayed ones) go into the run
@@ -394,7 +394,8 @@ class _LogWindow:
             "train/data_wait_share": self.data_s / self.step_s,
             "train/samples_per_s": global_batch / step_s,
             # tokens = the data's tokens per sample: packed-window tokens (input_length 512 -> 568) for
-            # span corruption, input_length + target_length (padding included) for seq2seq
+            # span corruption, input_length + target_length (padding included) for seq2seq, the
+            # window's max_length (padding included) for causal_lm
             "train/tokens_per_s": global_batch * tokens_per_sample / step_s,
         }
 
