@@ -1,5 +1,5 @@
 """The README's main command: `t5ja quickstart` end to end (data prep, tokenizer, ZeRO-2
-pretraining on 2 processes, export, MLflow), as `make quickstart` runs it, but for 120 of
+pretraining on 2 processes, export, MLflow), as `make quickstart` runs it, but for 60 of
 its 300 steps (an override on the same command line; every stage runs as in the full one)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import run_t5ja
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
-STEPS = 120
+STEPS = 60
 
 
 def test_quickstart_end_to_end(tmp_path):
@@ -21,14 +21,14 @@ def test_quickstart_end_to_end(tmp_path):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     out = tmp_path / "qs"
-    result = run_t5ja("quickstart", "--out", str(out), f"train.steps={STEPS}", "checkpoint.every_steps=60")
+    result = run_t5ja("quickstart", "--out", str(out), f"train.steps={STEPS}", "checkpoint.every_steps=30")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     # The loss must fall clearly (first and last logged window means).
     match = re.search(r"loss: step (\d+) ([\d.]+) -> step (\d+) ([\d.]+)", result.stdout)
     assert match, result.stdout
     first, last = float(match.group(2)), float(match.group(4))
-    assert match.group(3) == str(STEPS) and last < first - 2.0, (first, last)
+    assert match.group(3) == str(STEPS) and last < first - 1.5, (first, last)  # 8.18 -> 5.94 by step 60 of a 120-step run
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in result.stdout
 
     run_dir = out / "quickstart"
