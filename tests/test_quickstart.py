@@ -28,7 +28,7 @@ def test_quickstart_end_to_end(tmp_path):
     match = re.search(r"loss: step (\d+) ([\d.]+) -> step (\d+) ([\d.]+)", result.stdout)
     assert match, result.stdout
     first, last = float(match.group(2)), float(match.group(4))
-    assert match.group(3) == str(STEPS) and last < first - 1.5, (first, last)  # 8.18 -> 5.94 by step 60 of a 120-step run
+    assert match.group(3) == str(STEPS) and last < first - 1.5, (first, last)  # 8.18 -> 6.06 measured
     assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in result.stdout
 
     run_dir = out / "quickstart"
