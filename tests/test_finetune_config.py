@@ -61,6 +61,17 @@ def problems(tmp_path: Path, job: dict, overrides: list[str] = ()) -> dict[str, 
     return dict(err.value.problems)
 
 
+def heavy_modules_after_planning(job: Path) -> str:
+    """In a fresh interpreter: load, plan and write the run of `job`, then list the torch,
+    DeepSpeed and transformers modules that got imported (the launcher needs none)."""
+    code = ("import sys; from launcher.job import load_job; from launcher.run import plan_run, write_run; "
+            f"write_run(plan_run(load_job({str(job)!r}))); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip()
+
+
 def test_seq2seq_job_needs_no_data_prep(tmp_path, files):
     job = load(tmp_path, seq2seq_job(files))
     assert job.objective.name == "seq2seq" and job.task.name == "livedoor" and job.data is None
@@ -119,12 +130,7 @@ def test_seq2seq_without_init_from_needs_a_tokenizer(tmp_path, files):
 def test_planning_a_seq2seq_run_does_not_import_torch(tmp_path, files):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(seq2seq_job(files, output_dir=str(tmp_path / "runs"))))
-    code = ("import sys; from launcher.job import load_job; from launcher.run import plan_run, write_run; "
-            f"write_run(plan_run(load_job({str(job)!r}))); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers')))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
+    assert heavy_modules_after_planning(job) == "[]"
     config = json.loads((tmp_path / "runs" / "ft" / "config.json").read_text())
     assert config["objective"]["name"] == "seq2seq" and config["task"]["path"] == str(files["tarball"])
 
@@ -221,12 +227,7 @@ def test_livedoor_sft_split_fractions_are_checked(tmp_path, files):
 def test_planning_a_causal_lm_run_does_not_import_torch(tmp_path, files):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(causal_lm_job(files, output_dir=str(tmp_path / "runs"))))
-    code = ("import sys; from launcher.job import load_job; from launcher.run import plan_run, write_run; "
-            f"write_run(plan_run(load_job({str(job)!r}))); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers')))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
+    assert heavy_modules_after_planning(job) == "[]"
     config = json.loads((tmp_path / "runs" / "ft" / "config.json").read_text())
     assert config["objective"] == {"name": "causal_lm", "max_length": 256, "pack": True, "overlong": "drop"}
     assert config["task"]["eval_file"] is None
