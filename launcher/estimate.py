@@ -96,6 +96,9 @@ def _build_meta_model(model_cfg, tokenizer_size: int):
 
 
 def _zero2(size: ModelSize, num_nodes: int, gpus_per_node: int, offload: str, buffer: float) -> tuple[int, int]:
+    from trainer.distributed import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     cpu, gpu = estimate_zero2_model_states_mem_needs(
@@ -112,6 +115,9 @@ def _zero1(size: ModelSize, num_nodes: int, gpus_per_node: int, offload: str, bu
 
 
 def _zero3(size: ModelSize, num_nodes: int, gpus_per_node: int, offload: str, buffer: float) -> tuple[int, int]:
+    from trainer.distributed import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     # zero_init=False: the trainer builds the whole model on every rank before DeepSpeed

@@ -8,6 +8,7 @@ and the MLflow store must hold exactly one run with the params and per-step metr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,10 @@ def test_run_directory_layout(trained_run):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run"]["world_size"] == 2 and config["run"]["gradient_accumulation_steps"] == 2
     assert (run_dir / "logs" / "rank_0.log").is_file() and (run_dir / "logs" / "rank_1.log").is_file()
+    # Where each rank's start-up time went (every restart and every test pays it).
+    for rank in (0, 1):
+        assert re.search(r"first step after [\d.]+ s from process start \(python\+imports\+process group [\d.]+, "
+                         r"data [\d.]+, model\+engine [\d.]+, ", (run_dir / "logs" / f"rank_{rank}.log").read_text())
     # keep_last=2 of the saves at 10, 20, 30 and the final 40
     tags = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert tags == ["step_00000030", "step_00000040"]

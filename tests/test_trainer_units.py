@@ -4,7 +4,10 @@ the non-finite-loss policy, fault-injection hooks, the restart store prefix."""
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -155,3 +158,14 @@ def test_resume_refuses_another_global_batch_size():
     with pytest.raises(ValueError, match="train.global_batch_size=16"):
         check_data_position(state, 32, "step_00000010")
     check_data_position(TrainState(), 32, "step_00000000")
+
+
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """DeepSpeed's autotuner imports MLflow (~2.8 s per worker start) unless it is hidden."""
+    script = ("import sys; from trainer.distributed import import_deepspeed; import_deepspeed()\n"
+              "from deepspeed.autotuning import autotuner\n"
+              "print('mlflow' in sys.modules, autotuner.has_mlflow)\n"
+              "import mlflow; print(mlflow.__name__)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"}).stdout.split()
+    assert out == ["False", "False", "mlflow"]

@@ -62,15 +62,43 @@ def build_train_data(cfg: WorkerConfig, tokenizer):
     return SpanCorruptionData(cfg.run.tokens_dir, objective, tokenizer, cfg.train.seed)
 
 
+class StartupClock:
+    """Seconds of each phase from the worker process's start to the first step: every restart
+    and every test pays them, so the log says where they go."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {"python+imports+process group": time.time() - get_process_start_time()}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = now - self._last
+        self._last = now
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.phases.items())
+        return f"first step after {sum(self.phases.values()):.1f} s from process start ({parts})"
+
+
+def get_process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 class Trainer:
     def __init__(self, cfg: WorkerConfig):
+        self.startup = StartupClock()
         self.cfg = cfg
         self.run_dir = Path(cfg.run.run_dir)
         self.rank = dist.get_rank()
         self.state = ckpt.TrainState()
         self._build_data()
+        self.startup.lap("data")
         self._build_engine()
+        self.startup.lap("model+engine")
         self.logger: MetricLogger | None = self._build_logger() if self.rank == 0 else None
+        self.startup.lap("logger")
         # Each node's local rank 0 samples its node; rank 0's logger receives every node's samples.
         self.telemetry = start_node_telemetry(cfg.telemetry, self.logger.log_system if self.logger else None)
         self.preemption = PreemptionWatch()
@@ -127,8 +155,12 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------
     def train(self) -> None:
+        self.startup.lap("telemetry")
         self.maybe_resume()
+        self.startup.lap("resume")
         self.log_run_start()
+        self.startup.lap("busbw probe")
+        log.info("%s", self.startup.summary())
         while self.state.step < self.cfg.train.steps:
             self.maybe_log(self.train_step())
             self.maybe_checkpoint()

@@ -61,6 +61,9 @@ def convert(ckpt_path: Path, out_path: Path, num_workers: int = 1) -> None:
     One process; `num_workers` > 1 forks extraction workers (not inside a training worker:
     forking a process with a live process group is asking for trouble).
     """
+    from trainer.distributed import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     args = argparse.Namespace(
