@@ -100,6 +100,9 @@ write_conf() {
         # A requeued job may start again only after the launch credential expiry (cred_expire,
         # 120 s by default): short here so that preemption tests do not idle two minutes.
         echo "AuthInfo=cred_expire=10"
+        # ... and then it is started by a scheduler pass, not by an event: the backfill one
+        # every 30 s and the main one every 60 s by default. Every second or two here.
+        echo "SchedulerParameters=bf_interval=1,sched_interval=2"
         for i in $(seq 1 "$NUM_NODES"); do
             mkdir -p "$CLUSTER_DIR/spool-n$i"
             echo "NodeName=n$i NodeAddr=$SUBNET.$i NodeHostname=$host CPUs=$NODE_CPUS RealMemory=8000 State=UNKNOWN"
