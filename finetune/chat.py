@@ -12,6 +12,9 @@ model learns to stop), never on the role header or the "\\n" after the turn. Tex
 tokenised segment by segment at these boundaries, which makes the mask exact whatever the
 tokenizer; the turn markers are special tokens in Gemma's tokenizer, so nothing merges
 across them anyway.
+
+Evaluation (`t5ja eval`) asks the model for each conversation's last model turn: the prompt is
+the conversation before it, rendered and tokenised the same way, up to that turn's header.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune import ReadReport, read_json_lines
+from finetune import Example, ReadReport, read_json_lines
 
 START, END = "<start_of_turn>", "<end_of_turn>"
 ROLE_NAMES = {"user": "user", "assistant": "model"}
@@ -151,6 +154,85 @@ def write_chat_jsonl(conversations: list[list[Message]], path: str | Path) -> Pa
         for messages in conversations:
             out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
     return path
+
+
+# --- answering the last turn (`t5ja eval`) ---------------------------------------------------
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation up to its last model turn, and that turn: what the model should answer."""
+
+    text: str  # rendered, ending with the last model turn's header "<start_of_turn>model\n"
+    input_ids: list[int]  # <bos> + the text, tokenised segment by segment as tokenize_chat does
+    reference: str  # the last model turn's content, stripped
+    num_cut_tokens: int  # tokens left out after <bos> because the prompt was longer than max_tokens
+
+
+def build_chat_prompt(messages: list[Message], encode: Callable[[str], list[int]], bos_id: int | None,
+                      max_tokens: int) -> ChatPrompt:
+    """The prompt that asks for the conversation's last model turn, tokenised exactly as training
+    saw it. A prompt over `max_tokens` keeps <bos> and its *last* tokens: the turn being answered
+    is at the end (training's `overlong: truncate` keeps the first ones, which would cut it)."""
+    segments = render_segments(messages)
+    last = max(i for i, (_, trained) in enumerate(segments) if trained)
+    head = [bos_id] if bos_id is not None else []
+    body = [token for text, _ in segments[:last] for token in encode(text)]
+    num_cut = max(0, len(head) + len(body) - max_tokens)
+    return ChatPrompt(text="".join(text for text, _ in segments[:last]), input_ids=head + body[num_cut:],
+                      reference=segments[last][0][:-len(END)], num_cut_tokens=num_cut)
+
+
+def is_answer_correct(example: Example, prediction: str) -> bool:
+    """pass@1 of a chat answer: an exact match with the reference turn after SQuAD's normalisation
+    (finetune.metrics.normalize_answer: case, ASCII punctuation, English articles, whitespace).
+    Japanese punctuation counts: 「晴れです」 is not 「晴れです。」."""
+    from finetune.metrics import get_exact_match
+
+    return bool(get_exact_match(prediction, example.target))
+
+
+def get_stop_ids(tokenizer) -> list[int]:
+    """EOS, and <end_of_turn> where the tokenizer has it as one token (Gemma's does): a model
+    trained on this format ends its turn with it."""
+    return [i for i in (tokenizer.eos_token_id, tokenizer.get_vocab().get(END)) if i is not None]
+
+
+def _generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy answers of one batch of prompts (token ids), cut at the end of the model's turn."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(prompt) for prompt in prompts)
+    ids, mask = np.full((len(prompts), width), pad_id, dtype=np.int64), np.zeros((len(prompts), width), np.int64)
+    for row, prompt in enumerate(prompts):
+        # Padding on the left: every row's answer starts at column `width` (transformers derives
+        # the positions from the mask, so a padded prompt reads as it would alone).
+        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
+    with torch.inference_mode():
+        output = model.generate(input_ids=torch.from_numpy(ids).to(model.device),
+                                attention_mask=torch.from_numpy(mask).to(model.device),
+                                max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
+                                eos_token_id=get_stop_ids(tokenizer), pad_token_id=pad_id)
+    # .cpu() waits for the device: the batch's time includes all of the generation.
+    texts = tokenizer.batch_decode(output[:, width:].cpu(), skip_special_tokens=True)
+    # A tokenizer without <end_of_turn> as a token may still spell it out: the turn ends there.
+    return [text.split(END)[0].strip() for text in texts]
+
+
+def generate_answers(model, tokenizer, examples: Sequence[Example], prompt_ids: Mapping[str, list[int]],
+                     batch_size: int, max_new_tokens: int) -> list[dict]:
+    """One record per example (`finetune.serving.predict_in_batches`): the greedy answer to the
+    prompt `prompt_ids[example.id]` (a ChatPrompt's input_ids), `example.target` the reference.
+    `model`: a transformers causal LM."""
+    from finetune.serving import predict_in_batches
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+
+    def generate(batch: Sequence[Example]) -> list[str]:
+        return _generate_answers(model, tokenizer, [prompt_ids[e.id] for e in batch], max_new_tokens)
+
+    return predict_in_batches(model, examples, batch_size, generate)
 
 
 # --- windows ---------------------------------------------------------------------------------

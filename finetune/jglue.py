@@ -20,7 +20,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune import Example, ReadReport, read_json_lines
-from finetune.metrics import get_accuracy, get_correlations, get_squad_scores
+from finetune.metrics import get_accuracy, get_correlations, get_exact_match, get_squad_scores
 
 NLI_LABELS = ("entailment", "contradiction", "neutral")
 NUM_CHOICES = 5  # JCommonsenseQA: choice0..choice4
@@ -88,6 +88,10 @@ def evaluate_jnli(examples: list[Example], predictions: list[str]) -> dict:
             "num_invalid": sum(p not in NLI_LABELS for p in predicted)}
 
 
+def is_jnli_correct(example: Example, prediction: str) -> bool:
+    return prediction.strip() == example.label
+
+
 # --- JSTS ------------------------------------------------------------------------------------
 
 def format_score(score: float) -> str:
@@ -145,6 +149,10 @@ def evaluate_jcqa(examples: list[Example], predictions: list[str]) -> dict:
     return {"accuracy": get_accuracy([e.label for e in examples], predicted), "num_invalid": predicted.count(None)}
 
 
+def is_jcqa_correct(example: Example, prediction: str) -> bool:
+    return parse_choice(prediction, example.references) == example.label
+
+
 # --- JSQuAD ---------------------------------------------------------------------------------
 
 def read_jsquad(path: str | Path, norm: Callable[[str], str]) -> tuple[list[Example], ReadReport]:
@@ -200,12 +208,21 @@ def evaluate_jsquad(examples: list[Example], predictions: list[str]) -> dict:
     return get_squad_scores(predictions, [e.references for e in examples])
 
 
+def is_jsquad_correct(example: Example, prediction: str) -> bool:
+    """An exact match (after SQuAD's normalisation) with any gold answer."""
+    return any(get_exact_match(prediction, gold) for gold in example.references)
+
+
 # --- the table -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Task:
     read: Callable[[str | Path, Callable[[str], str]], tuple[list[Example], ReadReport]]
     evaluate: Callable[[list[Example], list[str]], dict]
+    # Is one prediction right (pass@1, `t5ja eval`)? The task's own accuracy or EM, per example.
+    # None for JSTS: a similarity score is graded, not right or wrong, and any tolerance would be
+    # a threshold of ours; Pearson and Spearman are its measure.
+    is_correct: Callable[[Example, str], bool] | None
 
 
 def _json_lines_reader(build):
@@ -213,10 +230,10 @@ def _json_lines_reader(build):
 
 
 TASKS: dict[str, Task] = {
-    "jsquad": Task(read_jsquad, evaluate_jsquad),
-    "jnli": Task(_json_lines_reader(build_jnli_example), evaluate_jnli),
-    "jsts": Task(_json_lines_reader(build_jsts_example), evaluate_jsts),
-    "jcommonsenseqa": Task(_json_lines_reader(build_jcqa_example), evaluate_jcqa),
+    "jsquad": Task(read_jsquad, evaluate_jsquad, is_jsquad_correct),
+    "jnli": Task(_json_lines_reader(build_jnli_example), evaluate_jnli, is_jnli_correct),
+    "jsts": Task(_json_lines_reader(build_jsts_example), evaluate_jsts, None),
+    "jcommonsenseqa": Task(_json_lines_reader(build_jcqa_example), evaluate_jcqa, is_jcqa_correct),
 }
 
 

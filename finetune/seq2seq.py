@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
@@ -24,12 +23,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune import Example, ReadReport
+# LOGGED_INPUT_CHARS: the records' input length, re-exported (the records were made here first)
+from finetune.serving import LOGGED_INPUT_CHARS, predict_in_batches  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100  # labels ignored by torch's cross entropy (and transformers' seq2seq loss)
-LOGGED_INPUT_CHARS = 200  # a prediction record keeps this much of its input: enough to recognise it
 
 
 class Seq2SeqLengths(BaseModel):
@@ -188,48 +188,21 @@ def _generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, inp
     return tokenizer.batch_decode(output.cpu(), skip_special_tokens=True)
 
 
-def _build_record(example: Example, prediction: str, latency_ms: float, error: str | None) -> dict:
-    return {"id": example.id, "input": example.input[:LOGGED_INPUT_CHARS], "target": example.target,
-            "prediction": prediction, "latency_ms": latency_ms, "error": error}
-
-
-def _predict_batch(model, tokenizer, batch: Sequence[Example], max_new_tokens: int, input_length: int) -> list[dict]:
-    start = time.perf_counter()
-    try:
-        predictions = _generate_texts(model, tokenizer, [e.input for e in batch], max_new_tokens, input_length)
-        error = None
-    except Exception as err:  # noqa: BLE001 - one failed batch (OOM, bad input) must not end the evaluation
-        predictions, error = [""] * len(batch), f"{type(err).__name__}: {err}"
-    latency_ms = 1000 * (time.perf_counter() - start) / len(batch)
-    return [_build_record(e, p, latency_ms, error) for e, p in zip(batch, predictions)]
-
-
 def generate_predictions(model, tokenizer, examples: Sequence[Example], batch_size: int, max_new_tokens: int,
                          input_length: int) -> list[dict]:
-    """One record per example, in order: {"id", "input" (first 200 characters), "target",
-    "prediction", "latency_ms", "error"}, by greedy decoding (num_beams=1, no sampling).
-
-    latency_ms is the batch's wall time (tokenise, generate, decode) divided by its size: the
-    amortised cost of a request at this batch size. A request's own wait in a batch is the whole
-    batch time (latency_ms x batch size). A batch that raises gives each of its examples an empty
-    prediction and the exception text in "error" (its latency_ms: the time until it raised); the
-    other batches still run.
+    """One record per example, in order, by greedy decoding (num_beams=1, no sampling): see
+    `finetune.serving.predict_in_batches` for the record, its latency and a batch that fails.
 
     `model`: a transformers seq2seq model (for a DeepSpeed engine, its `.module`); it is put in
     eval mode for the generation and given back in the mode it came in.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be positive")
-    was_training = model.training
-    model.eval()
-    try:
-        records: list[dict] = []
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
-            records += _predict_batch(model, tokenizer, batch, max_new_tokens, input_length)
-    finally:
-        model.train(was_training)
-    return records
+
+    def generate(batch: Sequence[Example]) -> list[str]:
+        return _generate_texts(model, tokenizer, [e.input for e in batch], max_new_tokens, input_length)
+
+    return predict_in_batches(model, examples, batch_size, generate)
 
 
 def write_predictions(records: Sequence[dict], path: str | Path) -> Path:

@@ -1,7 +1,10 @@
-"""The seed's evaluation metrics of a generating model: throughput, latency, errors, pass@1 and
-human satisfaction ratings. Pure functions over the prediction records that
-`finetune.seq2seq.generate_predictions` writes ({"id", "target", "prediction", "latency_ms",
-"error", ...}) and over a ratings CSV.
+"""Serving a generating model in batches, and the seed's evaluation metrics of it: throughput,
+latency, errors, pass@1 and human satisfaction ratings.
+
+`predict_in_batches` runs the requests (any model, any generate function: T5's
+`finetune.seq2seq.generate_predictions`, a causal LM's `finetune.chat.generate_answers`) and
+keeps one record per request, {"id", "input", "target", "prediction", "latency_ms", "error"}.
+Everything else here is a pure function over those records and over a ratings CSV.
 
 One definition of a failed request serves every metric here: it raised (its "error" is set) or
 it produced no text (an empty or whitespace-only prediction). A user gets nothing from either.
@@ -11,15 +14,66 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from finetune import ReadReport
+from finetune import Example, ReadReport
 
 RATINGS_HEADER = ("request_id", "rating")
 MIN_RATING, MAX_RATING = 1, 5  # a 5-point Likert scale
+LOGGED_INPUT_CHARS = 200  # a prediction record keeps this much of its input: enough to recognise it
+
+# A batch of requests -> their generated texts, in order (raising fails the whole batch).
+GenerateBatch = Callable[[Sequence[Example]], list[str]]
+
+
+# --- serving --------------------------------------------------------------------------------
+
+def _build_record(example: Example, prediction: str, latency_ms: float, error: str | None) -> dict:
+    return {"id": example.id, "input": example.input[:LOGGED_INPUT_CHARS], "target": example.target,
+            "prediction": prediction, "latency_ms": latency_ms, "error": error}
+
+
+def _predict_batch(generate: GenerateBatch, batch: Sequence[Example]) -> list[dict]:
+    start = time.perf_counter()
+    try:
+        predictions, error = generate(batch), None
+    except Exception as err:  # noqa: BLE001 - one failed batch (OOM, bad input) must not end the evaluation
+        predictions, error = [""] * len(batch), f"{type(err).__name__}: {err}"
+    latency_ms = 1000 * (time.perf_counter() - start) / len(batch)
+    return [_build_record(e, p, latency_ms, error) for e, p in zip(batch, predictions)]
+
+
+def predict_in_batches(model, examples: Sequence[Example], batch_size: int, generate: GenerateBatch) -> list[dict]:
+    """One record per example, in order: {"id", "input" (first 200 characters), "target",
+    "prediction", "latency_ms", "error"}, `generate` called on `batch_size` examples at a time.
+
+    latency_ms is the batch's wall time (`generate`: tokenise, generate, decode) divided by its
+    size: the amortised cost of a request at this batch size. A request's own wait in a batch is
+    the whole batch time (latency_ms x batch size). A batch that raises gives each of its
+    examples an empty prediction and the exception text in "error" (its latency_ms: the time
+    until it raised); the other batches still run.
+
+    `model` (the one `generate` uses) is put in eval mode meanwhile and given back in the mode
+    it came in.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        records: list[dict] = []
+        for start in range(0, len(examples), batch_size):
+            records += _predict_batch(generate, examples[start:start + batch_size])
+    finally:
+        model.train(was_training)
+    return records
+
+
+# --- request metrics ------------------------------------------------------------------------
 
 
 def is_failed(record: Mapping) -> bool:
@@ -41,7 +95,8 @@ def get_latency_stats(latencies_ms: Sequence[float]) -> dict[str, float]:
 def summarize_requests(records: Sequence[Mapping], wall_s: float, memory_bytes: int | None = None) -> dict:
     """Throughput over the whole evaluation's wall time, latency of the requests that ran to the
     end (those whose "error" is None: a batch that raised has no meaningful latency), and the share
-    of failed requests (see `is_failed`). `memory_bytes`: the peak accelerator memory, if known."""
+    of failed requests (see `is_failed`). `memory_bytes`: the peak memory, if known (the caller says of
+    what: the accelerator's allocations, or the process's resident set on a CPU)."""
     if not records:
         raise ValueError("no requests to summarise")
     if not wall_s > 0:

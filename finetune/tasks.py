@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune import Example, ReadReport
 from finetune.chat import LivedoorSFTConfig, Message, build_livedoor_sft, read_chat_jsonl
-from finetune.jglue import JGLUEConfig, evaluate_task, read_task
+from finetune.jglue import TASKS, JGLUEConfig, evaluate_task, read_task
 from finetune.livedoor import (LivedoorConfig, LivedoorSplitConfig, build_livedoor_task, evaluate_livedoor,
-                               read_livedoor, split_articles)
+                               parse_predictions, read_livedoor, split_articles)
 
 EVAL_SPLITS = ("test", "validation")
 
@@ -86,15 +86,20 @@ class EvalResult:
 
 # (examples, generated texts, output directory, file prefix) -> the result, files written
 Evaluator = Callable[[list[Example], list[str], Path, str], EvalResult]
+# (example, its generated text) -> is that answer right: the task's own accuracy or exact match
+# per example (pass@1 of `t5ja eval`)
+CorrectPredicate = Callable[[Example, str], bool]
 
 
 @dataclass
 class TaskData:
-    """A task's examples by split ("train", "validation", "test"), its read reports, its evaluator."""
+    """A task's examples by split ("train", "validation", "test"), its read reports, its evaluator,
+    and whether one answer is right (None where the task has no such notion: JSTS's scores)."""
 
     splits: dict[str, list[Example]]
     reports: list[ReadReport]
     evaluate: Evaluator
+    is_correct: CorrectPredicate | None = None
 
     def summary(self) -> str:
         sizes = ", ".join(f"{name} {len(examples)}" for name, examples in self.splits.items())
@@ -137,7 +142,10 @@ def _load_livedoor(cfg: LivedoorTaskConfig) -> TaskData:
         report.write_text(result.text, encoding="utf-8")
         return EvalResult(get_classification_metrics(result.metrics), result.text, [report, png])
 
-    return TaskData(splits, [task.corpus.report], evaluate)
+    def is_correct(example: Example, prediction: str) -> bool:
+        return parse_predictions([prediction], task.labels)[0] == example.label
+
+    return TaskData(splits, [task.corpus.report], evaluate, is_correct)
 
 
 def get_classification_metrics(report: dict) -> dict[str, float]:
@@ -166,7 +174,7 @@ def _load_jglue(cfg: JGLUETaskConfig) -> TaskData:
         return EvalResult(metrics, text, [report])
 
     return TaskData({"train": train, "validation": held_out, "test": held_out}, [train_report, eval_report],
-                    evaluate)
+                    evaluate, TASKS[cfg.task].is_correct)
 
 
 _LOADERS: dict[str, Callable[..., TaskData]] = {"livedoor": _load_livedoor, "jglue": _load_jglue}

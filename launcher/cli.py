@@ -2,7 +2,8 @@
 cannot be converted), 2 bad job file or arguments, 3 training stopped at a non-finite loss
 (train.nonfinite_loss=stop), 75 training stopped for preemption
 (checkpoint written: run the same command again), 4 sbatch missing or refused the job
-(launcher.backend=slurm), otherwise the failing stage's own code (torchrun's for training)."""
+(launcher.backend=slurm), 5 `t5ja eval` evaluated and wrote its files but could not log to
+MLflow, otherwise the failing stage's own code (torchrun's for training)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from trainer.preemption import EXIT_PREEMPTED
 EXIT_CONFIG = 2
 EXIT_DATA = 1  # an input could not be read, or too many of its records were rejected
 EXIT_SUBMIT = 4  # sbatch is missing or refused the script (launcher.backend=slurm)
+EXIT_NOT_LOGGED = 5  # `t5ja eval`: files written and table printed, but MLflow unreachable or refusing
 
 OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. train.lr=1e-4 launcher.nproc_per_node=2"
 
@@ -96,10 +98,50 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     estimate.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default: 80)")
 
+    add_eval_parser(sub)
+
     validate = sub.add_parser("validate", help="check job files and print every problem",
                               description="Validate each JOB file (with overrides) and report every problem.")
     validate.add_argument("jobs", nargs="+", help="job YAML files, then optional overrides")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_eval_parser(sub) -> None:
+    evaluate = sub.add_parser(
+        "eval", help="score a trained model on its task: task metrics, pass@1, speed, latency, errors, memory",
+        description="Score the model of JOB (default RUN_DIR/export) on a split of the job's task, on one device "
+                    "(CUDA if available, else CPU): the task's metrics (precision/recall/F1, EM/F1, ...; "
+                    "objective causal_lm: loss and perplexity), pass@1, requests/s, latency mean/p50/p95, error "
+                    "rate, peak memory, and the mean of human ratings with --ratings. Writes "
+                    "RUN_DIR/eval/<split>_eval.json, <split>_eval_predictions.jsonl and the task's report, logs "
+                    "eval/* metrics and the files to the job's MLflow run, prints a table. Exit codes: 0 done, "
+                    "1 unusable input (ratings CSV, task data), 2 bad job file or arguments (no model "
+                    "directory), 5 evaluated and written but not logged to MLflow (tracking server unreachable "
+                    "or refusing).")
+    evaluate.add_argument("job", help="job YAML file (objective seq2seq or causal_lm)")
+    evaluate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    evaluate.add_argument("--model", default=None, metavar="PATH",
+                          help="Hugging Face model directory to score (default: RUN_DIR/export)")
+    evaluate.add_argument("--split", choices=("test", "validation"), default=None,
+                          help="the task split (default: the job's eval.split)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                          help="requests per generate() call: the batch the speed is measured at (default: "
+                               "eval.batch_size)")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
+                          help="tokens generated per request at most (default: eval.max_new_tokens, else seq2seq "
+                               "objective.target_length, causal_lm 128)")
+    evaluate.add_argument("--ratings", default=None, metavar="CSV",
+                          help="CSV of human ratings, header request_id,rating (integers 1-5): their mean and count "
+                               "(request ids: the `id` of the predictions file)")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                          help="score only the split's first N examples")
 
 
 def cmd_prep(args) -> int:
@@ -221,6 +263,86 @@ def cmd_export(args) -> int:
     return 0
 
 
+def get_eval_options(job, args):
+    """The evaluation's options: the command line's, else the job's eval section and objective;
+    ConfigError naming every problem (an objective with no task, no model directory, ...)."""
+    from pydantic import ValidationError
+
+    from launcher.job import pydantic_problems
+    from trainer.evaluate import EVALUATORS, EvalOptions
+    from trainer.model import get_init_from_problems
+
+    name = job.objective.name
+    if name not in EVALUATORS:
+        raise ConfigError(args.job, [("objective.name", f"{name} has no task to be scored on: `t5ja eval` scores "
+                                      f"jobs of objective {' or '.join(EVALUATORS)}")])
+    evaluator = EVALUATORS[name]
+    values = {"model": str(Path(args.model).resolve()) if args.model else str(job.run_dir / "export"),
+              "split": args.split or job.eval.split,
+              "batch_size": _first_set(args.batch_size, job.eval.batch_size),
+              "max_new_tokens": _first_set(args.max_new_tokens, job.eval.max_new_tokens,
+                                           evaluator.default_max_new_tokens(job.objective)),
+              "limit": args.limit, "ratings": str(Path(args.ratings).resolve()) if args.ratings else None}
+    try:
+        opts = EvalOptions(**values)
+    except ValidationError as err:
+        options = [(f"--{path.replace('_', '-')}", msg) for path, msg in pydantic_problems(err)]
+        raise ConfigError(args.job, options) from None
+    problems = get_init_from_problems(opts.model, "--model")
+    if problems and not args.model:
+        problems = [(key, f"{msg}: `t5ja train` writes RUN_DIR/export at the end of training (`t5ja export "
+                          "RUN_DIR` from a checkpoint); train the job first, or pass --model PATH")
+                    for key, msg in problems]
+    if opts.ratings and not Path(opts.ratings).is_file():
+        problems.append(("--ratings", f"{opts.ratings}: no such file"))
+    if problems:
+        raise ConfigError(args.job, problems)
+    return opts
+
+
+def _first_set(*values):
+    return next(value for value in values if value is not None)
+
+
+def cmd_eval(args) -> int:
+    import logging
+
+    from finetune.serving import format_eval_table
+    from trainer.evaluate import EvalDataError, run_eval
+
+    job = load_job(args.job, args.overrides)
+    opts = get_eval_options(job, args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("trainer").setLevel(logging.INFO)
+    try:
+        report = run_eval(opts, job.model, job.objective, job.task, job.run_dir)
+    except EvalDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DATA
+    print("wrote " + ", ".join(str(path) for path in report.files))
+    code = log_eval(job, report)
+    print(format_eval_table(report.table()))
+    return code
+
+
+def log_eval(job, report) -> int:
+    """The evaluation into the job's MLflow run (trainer.evaluate.log_to_mlflow): 0, or
+    EXIT_NOT_LOGGED with a warning when the store cannot be reached or refuses."""
+    from trainer.evaluate import TrackingError, log_to_mlflow
+
+    if not job.mlflow.enabled:
+        print("MLflow: not logged (mlflow.enabled is false)")
+        return 0
+    try:
+        run_id = log_to_mlflow(job.mlflow, job.tracking_uri, job.run_dir, job.name, job.train.steps, report)
+    except TrackingError as err:
+        print(f"warning: MLflow: NOT logged ({err}); the files above hold every figure (exit code "
+              f"{EXIT_NOT_LOGGED})", file=sys.stderr)
+        return EXIT_NOT_LOGGED
+    print(f"MLflow: logged to run {run_id} (experiment {job.mlflow.experiment!r}, {job.tracking_uri})")
+    return 0
+
+
 def cmd_checkpoint(args) -> int:
     from trainer import checkpoint as ckpt
     from trainer.config import load_worker_config
@@ -270,7 +392,7 @@ def cmd_quickstart(args) -> int:
 
 COMMANDS = {"prep": cmd_prep, "train": cmd_train, "quickstart": cmd_quickstart, "validate": cmd_validate,
             "export": cmd_export, "checkpoint": cmd_checkpoint, "finish": cmd_finish,
-            "estimate": cmd_estimate}
+            "estimate": cmd_estimate, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,7 +84,7 @@ def _build_meta_model(model_cfg, tokenizer_size: int):
     """The job's model without weights: from `model.init_from`'s config.json when that exists
     (the model the job will train: from_pretrained cannot load onto the meta device), else
     from the preset (a directory not downloaded yet: the preset is what it should hold)."""
-    from trainer.model import ARCHITECTURES, PRESETS, _transformers_class, build_model
+    from trainer.model import build_model, get_model_class
 
     config_file = Path(model_cfg.init_from) / "config.json" if model_cfg.init_from else None
     if config_file is None or not config_file.is_file():
@@ -92,7 +92,7 @@ def _build_meta_model(model_cfg, tokenizer_size: int):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(config_file.parent, **model_cfg.overrides)
-    return _transformers_class(ARCHITECTURES[PRESETS[model_cfg.preset]["architecture"]][1])(config)
+    return get_model_class(model_cfg)(config)
 
 
 def _zero2(size: ModelSize, num_nodes: int, gpus_per_node: int, offload: str, buffer: float) -> tuple[int, int]:

@@ -190,13 +190,26 @@ def is_transient(err: Exception) -> bool:
     return status >= 500 or status == 429
 
 
-def _limit_http_retries(cfg: MLflowConfig) -> None:
+def limit_http_retries(cfg: MLflowConfig) -> None:
     """MLflow retries a failed request 7 times with exponential backoff (minutes) and waits
     120 s for an answer; the writer thread retries by itself (and urllib3 would log a warning
     per retry), so no retries and a short timeout. Read by MLflow at each request; a
     variable the user set wins."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.request_timeout_s))
+
+
+def get_experiment_id(client, name: str, tracking_uri: str) -> str:
+    """The id of experiment `name`, created if new (`client`: an MlflowClient of tracking_uri)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A file-backed store keeps artifacts beside its database, not in the CWD's ./mlruns.
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db_path = Path(tracking_uri[len("sqlite:///"):])
+        location = (db_path.parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 @dataclass
@@ -274,7 +287,7 @@ class MLflowLogger:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        _limit_http_retries(cfg)
+        limit_http_retries(cfg)
         self._cfg = cfg
         self._tracking_uri = tracking_uri
         self._run_dir = run_dir
@@ -305,7 +318,7 @@ class MLflowLogger:
         id_file = self._run_dir / "mlflow_run_id"
         run_id = self._continue_run(id_file.read_text().strip()) if id_file.exists() else None
         if run_id is None:
-            experiment_id = self._experiment_id(self._cfg.experiment)
+            experiment_id = get_experiment_id(self._client, self._cfg.experiment, self._tracking_uri)
             run = self._client.create_run(experiment_id, run_name=self._run_name,
                                           tags={"mlflow.note.content": self._description})
             run_id = run.info.run_id
@@ -326,17 +339,6 @@ class MLflowLogger:
                         run_id, err.error_code)
             return None
         return run_id
-
-    def _experiment_id(self, name: str) -> str:
-        experiment = self._client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        # A file-backed store keeps artifacts beside its database, not in the CWD's ./mlruns.
-        location = None
-        if self._tracking_uri.startswith("sqlite:///"):
-            db_path = Path(self._tracking_uri[len("sqlite:///"):])
-            location = (db_path.parent / "mlartifacts").resolve().as_uri()
-        return self._client.create_experiment(name, artifact_location=location)
 
     # ---- what callers see: all return at once ------------------------------------------
     def log_params(self, params: dict[str, str]) -> None:

@@ -104,15 +104,16 @@ def _transformers_class(name: str):
 TOKENIZER_MARKERS = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 
-def get_init_from_problems(path: str) -> list[tuple[str, str]]:
-    """The directory must hold a model config and a tokenizer; checked before anything starts."""
+def get_init_from_problems(path: str, key: str = "model.init_from") -> list[tuple[str, str]]:
+    """The directory must hold a model config and a tokenizer; checked before anything starts.
+    `key`: where the path came from (`t5ja eval`'s is its --model option)."""
     directory = Path(path)
     if not directory.is_dir():
-        return [("model.init_from", f"{path}: no such model directory")]
+        return [(key, f"{path}: no such model directory")]
     missing = [] if (directory / "config.json").is_file() else ["config.json"]
     if not any((directory / name).is_file() for name in TOKENIZER_MARKERS):
         missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_MARKERS)})")
-    return [("model.init_from", f"{path}: no {' and no '.join(missing)} (expected a `t5ja export` or "
+    return [(key, f"{path}: no {' and no '.join(missing)} (expected a `t5ja export` or "
              "save_pretrained directory)")] if missing else []
 
 
@@ -159,8 +160,13 @@ def build_model_config(cfg: ModelConfig, tokenizer_size: int):
     return config_cls(**values)
 
 
+def get_model_class(cfg: ModelConfig) -> type:
+    """The transformers model class of the preset's architecture (T5ForConditionalGeneration, ...)."""
+    return _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][1])
+
+
 def build_model(cfg: ModelConfig, tokenizer_size: int) -> torch.nn.Module:
-    model_cls = _transformers_class(ARCHITECTURES[PRESETS[cfg.preset]["architecture"]][1])
+    model_cls = get_model_class(cfg)
     if cfg.init_from:
         import torch
 

@@ -39,16 +39,17 @@ class Seq2SeqConfig(Seq2SeqLengths):
 
 
 class EvalConfig(BaseModel):
-    """Evaluation after the last step: seq2seq generates, scored by the task; causal_lm its mean token loss."""
+    """After the last step: seq2seq generates, scored by the task; causal_lm its loss. And `t5ja eval`'s defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="evaluate after the last step (objectives seq2seq and causal_lm)")
     split: Literal["test", "validation"] = Field("test", description="the task split to evaluate on")
-    batch_size: int = Field(32, gt=0, description="examples per generate() call (seq2seq), windows per forward "
-                                                  "(causal_lm)")
+    batch_size: int = Field(32, gt=0, description="examples per generate() call (seq2seq, and `t5ja eval`'s "
+                                                  "answers), windows per forward (causal_lm's loss)")
     max_new_tokens: int | None = Field(
-        None, gt=0, description="seq2seq: tokens generated per example at most; default objective.target_length")
+        None, gt=0, description="tokens generated per example at most; default objective.target_length (seq2seq), "
+                                "128 (`t5ja eval` of causal_lm)")
 
 
 class Seq2SeqData:
