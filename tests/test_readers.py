@@ -486,3 +486,21 @@ def test_cut_xml_dump_is_reported_once_whatever_the_splits(tmp_path, cut):
     for unit_bytes in (5, 64, 1000):
         items, _ = read_in_splits(path, "wikipedia_xml", unit_bytes)
         assert content(items) == content(whole)
+
+
+@pytest.mark.parametrize("raw", [
+    '{"id": 7, "text": "吾輩は猫である"}\n'.encode(),
+    b'{"id": 123456789012345678901234567890, "text": "big id"}\n',  # orjson would read a float
+    b'{"text": NaN}\n', b'{"text": "\\ud800"}\n',  # json's extensions: lone surrogate, NaN
+    b'{"text": "caf\xe9"}\n',  # invalid UTF-8: U+FFFD, flagged
+    b'\n', b'  \r\n', '\u3000\n'.encode(),  # blank lines, also by Unicode's whitespace
+    b'[1, 2]\n', b'{"text": "cut', b'{"text": "x"} trailing\n',
+])
+def test_json_lines_read_as_the_json_module_reads_them(raw):
+    """The orjson fast path gives every line the json module's result."""
+    from data_prep.readers import decode_line, load_json_line, load_json_object
+
+    text, bad = decode_line(raw)
+    expected = (load_json_object(text, "f:1") if text.strip() else None), bad
+    got = load_json_line(raw, "f:1")
+    assert repr(got) == repr(expected)  # repr: NaN != NaN
