@@ -172,6 +172,7 @@ def cmd_train(args) -> int:
         print(json.dumps(plan.ds_config, indent=2))
         print("# command")
         print(" ".join(f"{k}={v}" for k, v in plan.env.items()), shlex.join(plan.command))
+        print(f"# training length: {job.train.describe_length()}")
         return 0
     write_run(plan)
     print(f"run directory: {plan.run_dir}", flush=True)
@@ -304,6 +305,20 @@ def _first_set(*values):
     return next(value for value in values if value is not None)
 
 
+def get_final_step(job) -> int:
+    """The step the training-time evaluation logs at: train.steps, or the count the run resolved
+    train.epochs to (its newest checkpoint's TrainState; 0 while it has none)."""
+    from trainer import checkpoint as ckpt
+
+    if job.train.epochs is None:
+        return job.train.steps
+    tag = ckpt.get_latest_tag(job.run_dir)
+    path = ckpt.checkpoints_dir(job.run_dir) / tag if tag else None
+    if path is None or not (path / "train_state.json").is_file():
+        return 0
+    return ckpt.read_train_state(path).num_steps
+
+
 def cmd_eval(args) -> int:
     import logging
 
@@ -334,7 +349,7 @@ def log_eval(job, report) -> int:
         print("MLflow: not logged (mlflow.enabled is false)")
         return 0
     try:
-        run_id = log_to_mlflow(job.mlflow, job.tracking_uri, job.run_dir, job.name, job.train.steps, report)
+        run_id = log_to_mlflow(job.mlflow, job.tracking_uri, job.run_dir, job.name, get_final_step(job), report)
     except TrackingError as err:
         print(f"warning: MLflow: NOT logged ({err}); the files above hold every figure (exit code "
               f"{EXIT_NOT_LOGGED})", file=sys.stderr)

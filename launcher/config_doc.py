@@ -7,6 +7,7 @@ A test checks that docs/config.md equals this output, so the reference cannot dr
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import typing
@@ -66,8 +67,9 @@ def _type_name(annotation) -> str:
 
 def render_section(name: str, model: type[BaseModel], title: str | None = None) -> list[str]:
     """The section's table, then one for each section nested in it (data.clean, launcher.slurm)."""
-    lines = [f"## {title or f'`{name}`'}", "", (model.__doc__ or "").strip(), "", "| key | type | default | meaning |",
-             "|---|---|---|---|"]
+    # cleandoc: a docstring's later lines lose their indentation (markdown would read 4 spaces as code)
+    lines = [f"## {title or f'`{name}`'}", "", inspect.cleandoc(model.__doc__ or ""), "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
     nested = []
     for key, field in model.model_fields.items():
         if _is_section(field.annotation):

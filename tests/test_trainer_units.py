@@ -52,12 +52,12 @@ def test_batch_plan_same_samples_for_any_split_of_the_global_batch():
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
 def test_lr_schedule_warmup_then_decay(decay):
     cfg = TrainConfig(steps=100, warmup_steps=10, lr_decay=decay, min_lr_ratio=0.1)
-    assert lr_factor(0, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(10, cfg) == pytest.approx(1.0)
-    end = lr_factor(100, cfg)
+    assert lr_factor(0, cfg, 100) == pytest.approx(0.1)
+    assert lr_factor(9, cfg, 100) == pytest.approx(1.0)
+    assert lr_factor(10, cfg, 100) == pytest.approx(1.0)
+    end = lr_factor(100, cfg, 100)
     assert end == pytest.approx(1.0 if decay == "constant" else 0.1)
-    assert lr_factor(55, cfg) <= 1.0
+    assert lr_factor(55, cfg, 100) <= 1.0
 
 
 def test_t5_base_preset_has_the_seed_parameter_count():

@@ -76,6 +76,11 @@ class TrainState:
     nonfinite_skips: int = 0  # steps whose update was skipped for a NaN/inf loss (train.nonfinite_loss=skip)
     # resumes on another number of data-parallel ranks: {"step", "from_world_size", "to_world_size"}
     world_size_changes: list[dict] = field(default_factory=list)
+    # The step the run ends at (train.steps, or train.epochs resolved over the data; 0 in older
+    # checkpoints), and the train.epochs it was resolved from (None: train.steps). Kept so that a
+    # resumed run ends where it was going to, even if its data changed since.
+    num_steps: int = 0
+    epochs: float | None = None
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -220,7 +225,7 @@ def load_checkpoint(engine, run_dir: Path, tag: str, verify: str = "sha256") -> 
     form (converted here by rank 0 if needed; `verify` checks an existing one).
     """
     path = checkpoints_dir(run_dir) / tag
-    state = TrainState(**json.loads((path / "train_state.json").read_text()))
+    state = read_train_state(path)
     saved, current = get_saved_topology(path), universal.get_topology(engine)
     reason = universal.get_resize_reason(saved, current)
     if reason is None:
@@ -238,6 +243,11 @@ def load_checkpoint(engine, run_dir: Path, tag: str, verify: str = "sha256") -> 
                                              "to_world_size": current["dp_world_size"]})
     load_rng_state(path, state.step)
     return state
+
+
+def read_train_state(path: Path) -> TrainState:
+    """The TrainState of the checkpoint at `path` (no engine needed)."""
+    return TrainState(**json.loads((path / "train_state.json").read_text()))
 
 
 def load_rng_state(path: Path, step: int) -> None:

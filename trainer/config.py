@@ -9,10 +9,12 @@ checkpoint.py, metrics.py); this module only composes them.
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from trainer.checkpoint import CheckpointConfig
 from trainer.metrics import MLflowConfig
@@ -53,12 +55,31 @@ TaskConfig = Annotated[
 ]
 
 
+DEFAULT_STEPS = 1000  # train.steps when neither it nor train.epochs is given
+
+
 class TrainConfig(BaseModel):
-    """Optimisation hyper-parameters. Batch sizes count sequences (packed windows)."""
+    """Optimisation hyper-parameters. Batch sizes count sequences (packed windows).
+
+    The run's length is `steps` optimizer steps, or `epochs` passes over the objective's
+    training samples (span_corruption's packed windows, seq2seq's training examples,
+    causal_lm's windows), like Hugging Face's `num_train_epochs`. Epochs become
+    ceil(epochs x samples / global_batch_size) steps when training starts, once the data are
+    built: rank 0 logs the count (`train.epochs 4 = 2,579 steps of 8 samples over 5,157
+    samples`), MLflow's `train.steps` param holds it, and each checkpoint keeps it, so a
+    resumed run ends at the same step even if its data changed since. Changing `epochs` (or
+    `steps`) before resuming a run changes where it ends, from the checkpoint's step on.
+    `--dry-run` cannot count the samples: it prints the epochs.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(1000, gt=0, description="optimizer steps to run")
+    steps: int | None = Field(
+        None, gt=0, description=f"optimizer steps to run; {DEFAULT_STEPS} when train.epochs is unset too (not both)")
+    epochs: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="passes over the training samples instead of train.steps (fractions allowed): "
+                    "ceil(epochs x samples / global_batch_size) steps, resolved when training starts")
     global_batch_size: int = Field(128, gt=0, description="sequences per optimizer step, all ranks together")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward on one rank")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
@@ -84,6 +105,40 @@ class TrainConfig(BaseModel):
     max_nonfinite_skips: int = Field(
         20, ge=0, description="with nonfinite_loss=skip: steps the run may skip in all; the next non-finite step stops"
     )
+
+    @field_validator("epochs")
+    @classmethod
+    def _not_with_steps(cls, epochs: float | None, info: ValidationInfo) -> float | None:
+        # `steps` is validated first (field order); absent from info.data when it was invalid.
+        steps = info.data.get("steps")
+        if epochs is not None and steps is not None:
+            raise ValueError(f"train.steps ({steps}) and train.epochs ({epochs:g}) are both set: give one of them "
+                             "(to override a job file's one with the other on the command line, add "
+                             "train.epochs=null or train.steps=null)")
+        return epochs
+
+    @model_validator(mode="after")
+    def _default_length(self) -> TrainConfig:
+        # The default lives here, not on the field: a `steps` the user wrote must be told
+        # apart from the default to refuse it next to `epochs`.
+        if self.steps is None and self.epochs is None:
+            self.steps = DEFAULT_STEPS
+        return self
+
+    def describe_length(self) -> str:
+        """The run's length as the launcher knows it (the sample count comes with the data)."""
+        if self.epochs is None:
+            return f"{self.steps:,} steps"
+        return (f"{self.epochs:g} epochs (steps resolved at start: ceil({self.epochs:g} x training samples / "
+                f"{self.global_batch_size}))")
+
+
+def get_epoch_steps(epochs: float, num_samples: int, global_batch_size: int) -> int:
+    """Optimizer steps of `epochs` passes over `num_samples`: ceil(epochs x num_samples / batch)."""
+    if num_samples < 1:
+        raise ValueError(f"train.epochs needs training samples, and the data hold {num_samples}")
+    # Exact: the decimal the user wrote (0.1, not 0.1000000000000000055...), so 0.1 x 80 / 8 is 1 step, not 2.
+    return math.ceil(Fraction(repr(epochs)) * num_samples / global_batch_size)
 
 
 class RunInfo(BaseModel):

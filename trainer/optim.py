@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from trainer.config import TrainConfig
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr for the update that follows `step` completed updates."""
+def lr_factor(step: int, cfg: TrainConfig, num_steps: int) -> float:
+    """Multiplier of cfg.lr for the update that follows `step` completed updates of a run of
+    `num_steps` (train.steps, or train.epochs resolved: the trainer's TrainState.num_steps)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    decay_steps = max(1, num_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     if cfg.lr_decay == "constant":
         return 1.0
@@ -43,5 +45,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload_optimizer:
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    get_num_steps: Callable[[], int]) -> torch.optim.lr_scheduler.LambdaLR:
+    """`get_num_steps` is asked at every step, not now: a resumed run learns its length from
+    its checkpoint, after the engine (and this scheduler) exist."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, get_num_steps()))

@@ -2,7 +2,8 @@
 causal_lm), named steps.
 
     maybe_resume -> log_run_start (restarts, crashes, bus bandwidth)
-    while step < steps: train_step -> maybe_log -> maybe_checkpoint -> maybe_stop_for_preemption
+    while step < num_steps (train.steps, or train.epochs resolved over the data; kept in TrainState):
+        train_step -> maybe_log -> maybe_checkpoint -> maybe_stop_for_preemption
     then: final checkpoint -> Hugging Face export (checked against the engine) -> maybe_evaluate
     (seq2seq: generation on the task's eval split, report; causal_lm: the eval split's loss;
     eval/* metrics) -> close
@@ -27,7 +28,7 @@ from finetune.tasks import load_chat_task, load_task
 from trainer import checkpoint as ckpt
 from trainer import nonfinite, run_health
 from trainer.causal_lm import CausalLMData
-from trainer.config import WorkerConfig
+from trainer.config import TrainConfig, WorkerConfig, get_epoch_steps
 from trainer.data import BatchPlan, SpanCorruptionData
 from trainer.distributed import get_restart_count, ranks_flagging
 from trainer.faults import Faults
@@ -119,6 +120,12 @@ class Trainer:
         if self.rank == 0:
             log.info("training data (objective %s):\n%s", cfg.objective.name, self.data.summary())
         self.plan = BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.run.world_size)
+        # Every rank builds the same data, so every rank resolves the same count: no collective.
+        self.state.num_steps = get_num_steps(cfg.train, self.data.num_samples)
+        self.state.epochs = cfg.train.epochs
+        if self.rank == 0 and cfg.train.epochs is not None:
+            log.info("train.epochs %g = %s steps of %s samples over %s samples", cfg.train.epochs,
+                     f"{self.state.num_steps:,}", f"{cfg.train.global_batch_size:,}", f"{self.data.num_samples:,}")
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -131,7 +138,7 @@ class Trainer:
         ds_config = json.loads(Path(cfg.run.ds_config).read_text())
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         optimizer = build_optimizer(model, cfg.train, is_offload_optimizer(ds_config))
-        scheduler = build_scheduler(optimizer, cfg.train)
+        scheduler = build_scheduler(optimizer, cfg.train, lambda: self.state.num_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -140,7 +147,8 @@ class Trainer:
         run = self.cfg.run
         logger = build_metric_logger(self.cfg.mlflow, run.tracking_uri, self.run_dir, run.job_name, self._description())
         if logger.mlflow is not None:
-            logger.mlflow.log_params(flatten(self.cfg.raw))
+            # train.steps is logged by log_run_start: resolved (train.epochs) and resumed by then.
+            logger.mlflow.log_params({k: v for k, v in flatten(self.cfg.raw).items() if k != "train.steps"})
             logger.mlflow.log_dict(self.cfg.raw, "config.json")  # redacted, as the params
             logger.mlflow.log_artifact(self.run_dir / "ds_config.json")
         return logger
@@ -161,7 +169,7 @@ class Trainer:
         self.log_run_start()
         self.startup.lap("busbw probe")
         log.info("%s", self.startup.summary())
-        while self.state.step < self.cfg.train.steps:
+        while self.state.step < self.state.num_steps:
             self.maybe_log(self.train_step())
             self.maybe_checkpoint()
             self.maybe_stop_for_preemption()
@@ -187,10 +195,27 @@ class Trainer:
             return
         tag = ckpt.resume_tag_all_ranks(self.run_dir, self.cfg.checkpoint.verify)
         if tag is not None:
-            self.state = ckpt.load_checkpoint(self.engine, self.run_dir, tag, self.cfg.checkpoint.verify)
-            check_data_position(self.state, self.plan.global_batch_size, tag)
+            state = ckpt.load_checkpoint(self.engine, self.run_dir, tag, self.cfg.checkpoint.verify)
+            check_data_position(state, self.plan.global_batch_size, tag)
+            self.resume_length(state, tag)
+            self.state = state
             self.state.restarts.append(self.state.step)
             log.info("resumed from %s (step %d)", tag, self.state.step)
+
+    def resume_length(self, saved: ckpt.TrainState, tag: str) -> None:
+        """Sets the resumed state's length to this run's (get_num_steps), saying why when it is
+        not the one checkpoint `tag` was training to, or not the current data's."""
+        cfg = self.cfg.train
+        num_steps = get_num_steps(cfg, self.data.num_samples, saved)
+        setting = f"train.steps {cfg.steps}" if cfg.epochs is None else f"train.epochs {cfg.epochs:g}"
+        if self.rank == 0 and saved.num_steps and num_steps != saved.num_steps:
+            log.info("the run now ends at step %d (%s; checkpoint %s was training to step %d)", num_steps, setting,
+                     tag, saved.num_steps)
+        elif self.rank == 0 and num_steps != self.state.num_steps:  # _build_data's count, from the data now
+            log.warning("%s over the %d training samples the data hold now is %d steps, but checkpoint %s resolved "
+                        "it to %d: keeping %d, so that the run ends where it was going to", setting,
+                        self.data.num_samples, self.state.num_steps, tag, num_steps, num_steps)
+        saved.num_steps, saved.epochs = num_steps, cfg.epochs
 
     def log_run_start(self) -> None:
         """Collective (the bus-bandwidth probe). Rank 0 logs restarts, crashes, the last worker
@@ -204,6 +229,7 @@ class Trainer:
         self.logger.log(metrics, self.state.step)
         if self.logger.mlflow is not None:
             self.logger.mlflow.set_tags(tags)
+            self.logger.mlflow.log_params({"train.steps": str(self.state.num_steps)})
         if "last_error" in tags:
             log.warning("the previous round failed (%s); its last error:\n%s", tags["last_error_file"],
                         tags["last_error"][-2000:])
@@ -266,13 +292,14 @@ class Trainer:
     def maybe_log(self, result: StepResult) -> None:
         self._window.add(result)
         step = self.state.step
-        if step % self.cfg.train.log_every and step != self.cfg.train.steps:
+        if step % self.cfg.train.log_every and step != self.state.num_steps:
             return
         mean_loss = self._window.mean_loss_all_ranks()
         metrics = self._window.rates(self.plan.global_batch_size, self.data.tokens_per_sample)
         metrics.update({
             "train/loss": mean_loss,
-            "train/lr": self.cfg.train.lr * lr_factor(step - 1, self.cfg.train),  # of the last update
+            # of the last update
+            "train/lr": self.cfg.train.lr * lr_factor(step - 1, self.cfg.train, self.state.num_steps),
             "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "train/epoch": self.state.consumed_samples / self.data.num_samples,
             "train/nonfinite_skips": self.state.nonfinite_skips,
@@ -292,7 +319,7 @@ class Trainer:
 
     def maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint.every_steps
-        if every and self.state.step % every == 0 and self.state.step != self.cfg.train.steps:
+        if every and self.state.step % every == 0 and self.state.step != self.state.num_steps:
             self.save()
 
     def save(self) -> str:
@@ -372,6 +399,18 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def get_num_steps(cfg: TrainConfig, num_samples: int, saved: ckpt.TrainState | None = None) -> int:
+    """The step the run ends at: train.steps, or train.epochs over `num_samples` training samples.
+    Resumed (`saved`) with the train.epochs its checkpoint resolved, the run keeps that count
+    even if the data changed since; a changed train.epochs or train.steps applies from the
+    checkpoint's step on, as a changed train.steps always has."""
+    if cfg.epochs is None:
+        return cfg.steps
+    if saved is not None and saved.epochs == cfg.epochs and saved.num_steps:
+        return saved.num_steps
+    return get_epoch_steps(cfg.epochs, num_samples, cfg.global_batch_size)
 
 
 def check_data_position(state: ckpt.TrainState, global_batch_size: int, tag: str) -> None:
