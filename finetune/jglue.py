@@ -3,6 +3,7 @@
 File formats (JGLUE v1.1 release, `datasets/<task>-v1.1/{train,valid}-v1.1.json`):
 - JSQuAD: SQuAD-v1.1 JSON, `data[].paragraphs[].qas[]`, context "<title> [SEP] <text>".
 - JNLI, JSTS, JCommonsenseQA: JSON lines (one object per line, despite the .json suffix).
+  JSTS's label is the score as a JSON string ("label": "4.4"); a JSON number is read too.
 
 Each task is a row of TASKS (reader, evaluator): no branch on a task name. Input prefixes
 follow T5's GLUE formats (Raffel et al. 2020, appendix D: "stsb sentence1: ... sentence2: ...",
@@ -107,13 +108,23 @@ def parse_score(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def get_jsts_score(label: object) -> float | None:
+    """The gold score of a JSTS label: the release writes it as a string ("4.4"), a number is
+    taken as well; None for anything else (a bool, text that is no finite number)."""
+    if isinstance(label, str):
+        return parse_score(label)
+    if isinstance(label, (int, float)) and not isinstance(label, bool) and math.isfinite(label):
+        return float(label)
+    return None
+
+
 def build_jsts_example(where: str, record: dict, norm: Callable[[str], str]) -> Example:
     _require(record, ("sentence1", "sentence2", "label"))
-    score = record["label"]
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 5:
-        raise ValueError(f"label {score!r}; expected a number in [0, 5]")
+    score = get_jsts_score(record["label"])
+    if score is None or not 0 <= score <= 5:
+        raise ValueError(f"label {record['label']!r}; expected a number in [0, 5] (or one as a string)")
     text = f"jsts sentence1: {norm(record['sentence1'])} sentence2: {norm(record['sentence2'])}"
-    return Example(str(record.get("sentence_pair_id", where)), text, format_score(score), label=float(score))
+    return Example(str(record.get("sentence_pair_id", where)), text, format_score(score), label=score)
 
 
 def evaluate_jsts(examples: list[Example], predictions: list[str]) -> dict:

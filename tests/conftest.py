@@ -97,3 +97,22 @@ def reference_run(request, tmp_path_factory, tiny_data, mlflow_db):
     result = run_t5ja(*train_args(out, tiny_data, request.param))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return request.param, out, out / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory, neko_data) -> Path:
+    """A randomly initialised t5-tiny saved as `t5ja export` saves one: weights + tokenizer files
+    (neko's). The `model.init_from` of the fine-tuning runs."""
+    from transformers import AutoTokenizer
+
+    from data_prep import layout
+    from trainer.model import ModelConfig, build_model
+
+    out = tmp_path_factory.mktemp("init") / "t5-tiny-hf"
+    tokenizer_dir = layout.tokenizer_dir(neko_data)
+    model = build_model(ModelConfig(preset="t5-tiny"), len(AutoTokenizer.from_pretrained(tokenizer_dir)))
+    model.save_pretrained(out, safe_serialization=True)
+    for path in Path(tokenizer_dir).iterdir():
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
+    return out

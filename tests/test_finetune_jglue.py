@@ -23,10 +23,12 @@ JNLI = [{"sentence_pair_id": "0", "yjcaptions_id": "1", "sentence1": "猫が寝�
         {"sentence_pair_id": "1", "yjcaptions_id": "2", "sentence1": "犬が走る。", "sentence2": "犬が寝ている。",
          "label": "contradiction"},
         {"sentence_pair_id": "2", "sentence1": "犬が走る。", "sentence2": "x", "label": "maybe"}]
-JSTS = [{"sentence_pair_id": "0", "yjcaptions_id": "1", "sentence1": "猫が寝ている。", "sentence2": "猫が眠る。", "label": 4.4},
+# The release writes JSTS scores as strings ("4.4"); numbers are read too.
+JSTS = [{"sentence_pair_id": "0", "yjcaptions_id": "1", "sentence1": "猫が寝ている。", "sentence2": "猫が眠る。", "label": "4.4"},
         {"sentence_pair_id": "1", "yjcaptions_id": "2", "sentence1": "犬が走る。", "sentence2": "空が青い。", "label": 0.0},
-        {"sentence_pair_id": "2", "yjcaptions_id": "3", "sentence1": "犬が走る。", "sentence2": "犬が歩く。", "label": 2.8},
-        {"sentence_pair_id": "3", "sentence1": "a", "sentence2": "b", "label": 7}]
+        {"sentence_pair_id": "2", "yjcaptions_id": "3", "sentence1": "犬が走る。", "sentence2": "犬が歩く。", "label": "2.8"},
+        {"sentence_pair_id": "3", "sentence1": "a", "sentence2": "b", "label": 7},
+        {"sentence_pair_id": "4", "sentence1": "a", "sentence2": "b", "label": "高い"}]
 JCQA = [{"q_id": 0, "question": "主に子ども向けのもので、イラストのついた物語が書かれているものはどれ?",
          "choice0": "世界", "choice1": "写真集", "choice2": "絵本", "choice3": "論文", "choice4": "図鑑", "label": 2},
         {"q_id": 1, "question": "未成年者を監護・教育し、財産を管理する人は?",
@@ -75,7 +77,9 @@ def test_jnli_reads_formats_and_scores(tmp_path):
 
 def test_jsts_targets_scores_as_text_and_counts_unparseable(tmp_path):
     examples, report = read_task(_config(tmp_path, "jsts", JSTS))["eval"]
-    assert [e.target for e in examples] == ["4.4", "0.0", "2.8"] and report.num_skipped == 2
+    assert [e.target for e in examples] == ["4.4", "0.0", "2.8"] and report.num_skipped == 3
+    assert [e.label for e in examples] == [4.4, 0.0, 2.8]
+    assert "expected a number in [0, 5]" in dict(report.skipped)[f"{tmp_path}/jsts.json:5"]
     assert format_score(3.05) == "3.0" and format_score(3.5) == "3.6"  # 0.2 steps, as T5's STS-B
     assert parse_score(" 3.2") == 3.2 and parse_score("高い") is None and parse_score("nan") is None
     perfect = evaluate_task("jsts", examples, ["4.4", "0.0", "2.8"])

@@ -5,7 +5,6 @@ greedy generation: predictions, the classification report, MLflow metrics and ar
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,6 @@ from test_finetune_livedoor import GENRES, write_tarball
 
 pytestmark = pytest.mark.multiproc
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_model(tmp_path_factory, neko_data) -> Path:
-    """A randomly initialised t5-tiny saved as `t5ja export` saves one: weights + tokenizer files."""
-    from transformers import AutoTokenizer
-
-    from data_prep import layout
-    from trainer.model import ModelConfig, build_model
-
-    out = tmp_path_factory.mktemp("init") / "t5-tiny-hf"
-    tokenizer_dir = layout.tokenizer_dir(neko_data)
-    model = build_model(ModelConfig(preset="t5-tiny"), len(AutoTokenizer.from_pretrained(tokenizer_dir)))
-    model.save_pretrained(out, safe_serialization=True)
-    for path in Path(tokenizer_dir).iterdir():
-        if path.is_file():
-            shutil.copy2(path, out / path.name)
-    return out
 
 
 def write_job(out: Path, init_from: Path, tarball: Path) -> Path:
