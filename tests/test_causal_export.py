@@ -201,3 +201,14 @@ def test_causal_lm_sft_under_zero3_exports_a_model_that_reproduces_the_engine(tm
         with torch.no_grad():
             logits = model(**inputs).logits.float()
         torch.testing.assert_close(logits, verify["logits"], rtol=1e-4, atol=1e-4)
+
+    # eval/loss: both ranks' shards of the eval windows, summed, are the mean over all of them.
+    from transformers import AutoTokenizer
+
+    from trainer.causal_lm import tokenize_windows
+
+    windows = tokenize_windows(CONVERSATIONS[:3], AutoTokenizer.from_pretrained(run_dir / "export"),
+                               CausalLMConfig(name="causal_lm", max_length=256, pack=True))
+    loss_sum, num_tokens = get_loss_sum(model, windows, batch_size=2)
+    assert eval_loss["eval/loss"] == pytest.approx(loss_sum / num_tokens, rel=1e-5)
+    assert eval_loss["eval/num_trained_tokens"] == num_tokens

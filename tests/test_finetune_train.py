@@ -54,6 +54,10 @@ def test_predictions_cover_the_test_split(finetune_run, tiny_hf_model):
     records = [json.loads(line) for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [e.id for e in test] and len(records) == 5
     assert all(r["error"] is None and r["target"] in ("0", "1", "2") for r in records)
+    # Both ranks generated, each for its shard (examples 0, 2, 4 and 1, 3), gathered in order.
+    for rank, count in ((0, 3), (1, 2)):
+        log = (run_dir / "logs" / f"rank_{rank}.log").read_text()
+        assert f"evaluation: generating for {count} of the 5 examples of split test" in log
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run"]["tokenizer_dir"] == str(tiny_hf_model) and config["run"]["tokens_dir"] is None
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +89,20 @@ def test_mlflow_has_eval_metrics_and_artifacts(finetune_run):
     artifacts = {a.path for folder in ("eval", "predictions", "export") for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"eval/test_report.txt", "eval/test_confusion_matrix.png", "eval/test_metrics.json",
             "predictions/test.jsonl", "export/model.safetensors", "export/spiece.model"} <= artifacts
+
+
+def test_init_from_is_loaded_partitioned_under_zero3(finetune_run, tiny_hf_model):
+    """Each rank read only its shard of model.init_from (deepspeed.zero.Init), and the run's
+    description still counts every parameter (a partitioned one's numel is 0)."""
+    from mlflow.tracking import MlflowClient
+    from transformers import T5ForConditionalGeneration
+
+    out, run_dir, _ = finetune_run
+    log = (run_dir / "logs" / "rank_0.log").read_text()
+    assert f"loaded model.init_from {tiny_hf_model} partitioned across the ranks (ZeRO-3" in log
+    num_params = sum(p.numel() for p in T5ForConditionalGeneration.from_pretrained(tiny_hf_model).parameters())
+    run = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert f"({num_params / 1e6:.1f}M params)" in run.data.tags["mlflow.note.content"]
 
 
 def test_export_loads_and_generates(finetune_run):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -32,6 +32,7 @@ from pydantic import Field
 from finetune.chat import IGNORE_INDEX, ChatWindowsConfig, Windows, build_windows, tokenize_chat
 from finetune.tasks import ChatTaskData, EvalResult
 from trainer.data import SampleOrder
+from trainer.distributed import gather_shards, get_shard
 
 log = logging.getLogger("trainer.causal_lm")
 
@@ -100,28 +101,37 @@ class CausalLMData:
         return "\n".join(lines)
 
     def evaluate(self, model, cfg, run_dir) -> EvalResult | None:
-        """eval/loss on the split `cfg.split` (trainer.seq2seq.EvalConfig); None if the task has none."""
+        """Collective: eval/loss on the split `cfg.split` (trainer.seq2seq.EvalConfig), each rank
+        summing its shard of the windows; the result on rank 0, None on the others and if the
+        task has no such split."""
         windows = self.eval_windows.get(cfg.split)
         if windows is None or not len(windows.input_ids):
             log.info("no evaluation: the task has no %s split (a chat task has one with task.eval_file)", cfg.split)
             return None
         start = time.perf_counter()
-        loss_sum, num_tokens = get_loss_sum(model, windows, cfg.batch_size)
+        rows = get_shard(len(windows.input_ids))
+        log.info("evaluation: the loss of %d of the %d windows of split %s", len(rows), len(windows.input_ids), cfg.split)
+        shard = gather_shards([get_loss_sum(model, windows, cfg.batch_size, rows)])
+        if shard is None:
+            return None
+        loss_sum, num_tokens = sum(loss for loss, _ in shard), sum(count for _, count in shard)
         metrics = {"loss": loss_sum / num_tokens, "num_windows": len(windows.input_ids),
                    "num_trained_tokens": num_tokens, "eval_s": time.perf_counter() - start}
         return EvalResult(metrics, describe_windows(cfg.split, windows) + f"\nmean token loss {metrics['loss']:.4f}")
 
 
-def get_loss_sum(model, windows: Windows, batch_size: int) -> tuple[float, int]:
-    """Summed next-token cross entropy over the trained tokens of every window, and their count
-    (the mean over all of them, not a mean of per-batch means)."""
+def get_loss_sum(model, windows: Windows, batch_size: int, rows: Sequence[int] | None = None) -> tuple[float, int]:
+    """Summed next-token cross entropy over the trained tokens of every window (or of `rows`),
+    and their count: sums, so that shards add up to the mean over all tokens, not a mean of
+    per-batch means."""
     import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
+    rows = np.arange(len(windows.input_ids)) if rows is None else np.asarray(rows, dtype=np.int64)
     loss_sum, num_tokens = 0.0, 0
-    for start in range(0, len(windows.input_ids), batch_size):
-        batch = get_window_batch(windows, np.arange(start, min(start + batch_size, len(windows.input_ids))))
+    for start in range(0, len(rows), batch_size):
+        batch = get_window_batch(windows, rows[start:start + batch_size])
         labels = batch.pop("labels").to(device)
         with torch.no_grad():
             logits = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).logits

@@ -3,7 +3,8 @@
 Each objective's data object exposes what the training loop needs: `num_samples`,
 `tokens_per_sample` and `flops_per_sample(model_config)` (for the throughput metrics),
 `get_batch(global_indices)` -> the model's forward arguments, and `evaluate(model, eval_cfg,
-run_dir)` -> the evaluation after the last step (a finetune.tasks.EvalResult, or None).
+run_dir)` -> the evaluation after the last step, a collective (a finetune.tasks.EvalResult on
+rank 0, None on the others), or `evaluate = None` for an objective without one.
 Seq2seq's is trainer.seq2seq.Seq2SeqData, causal_lm's trainer.causal_lm.CausalLMData.
 
 Token shards are Arrow IPC stream files written by data prep (`tokens/shard-*.arrow`, one
@@ -134,5 +135,4 @@ class SpanCorruptionData:
     def flops_per_sample(self, model_config) -> float:
         return t5_flops_per_sample(model_config, self.objective.input_length, self.objective.target_length)
 
-    def evaluate(self, model, cfg, run_dir) -> None:
-        return None  # no evaluation task: the pretraining objective is scored by its training loss
+    evaluate = None  # no evaluation task: the pretraining objective is scored by its training loss

@@ -149,3 +149,31 @@ def ranks_flagging(flag: bool) -> list[int]:
     flags[dist.get_rank()] = int(flag)
     dist.all_reduce(flags)
     return flags.nonzero().flatten().tolist()
+
+
+def get_shard(num_items: int) -> range:
+    """This rank's items of a split evaluated by every rank: rank, rank + world_size, ... (so
+    a sorted split's long and short examples spread evenly). Rank 0 alone without a process group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return range(num_items)
+    return range(dist.get_rank(), num_items, dist.get_world_size())
+
+
+def gather_shards(items: list) -> list | None:
+    """Collective: every rank's `get_shard` results, back in the split's order, on rank 0
+    (None on the others). Pickled Python objects: prediction records, not tensors."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return items
+    world_size = dist.get_world_size()
+    shards = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(items, shards, dst=0)
+    if shards is None:
+        return None
+    merged = [None] * sum(len(shard) for shard in shards)
+    for rank, shard in enumerate(shards):
+        merged[rank::world_size] = shard
+    return merged

@@ -27,10 +27,17 @@ def lr_factor(step: int, cfg: TrainConfig, num_steps: int) -> float:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # No decay on biases and norm scales (1-D tensors), as in GPT-2/T5 practice.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No decay on biases and norm scales (1-D tensors), as in GPT-2/T5 practice. ds_shape: a
+    # parameter partitioned at load time (ZeRO-3 zero.Init) is an empty 1-D tensor; its
+    # shape is kept there.
+    def is_matrix(p: torch.nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and is_matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not is_matrix(p)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops an empty group, and the LR scheduler must see the groups it will step.
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload_optimizer: bool) -> torch.optim.Optimizer:

@@ -33,7 +33,7 @@ from trainer.data import BatchPlan, SpanCorruptionData
 from trainer.distributed import get_restart_count, ranks_flagging
 from trainer.faults import Faults
 from trainer.metrics import MetricLogger, build_metric_logger, flatten
-from trainer.model import build_model
+from trainer.model import build_model, get_model_class
 from trainer.optim import build_optimizer, build_scheduler, lr_factor
 from trainer.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.seq2seq import Seq2SeqData
@@ -132,16 +132,38 @@ class Trainer:
 
         cfg = self.cfg
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, len(self.tokenizer))
-        self.num_params = sum(p.numel() for p in model.parameters())
-        self.flops_per_sample = self.data.flops_per_sample(model.config)
         ds_config = json.loads(Path(cfg.run.ds_config).read_text())
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        model = self._build_model(ds_config)
+        # ds_numel: a parameter partitioned at load time holds only its shard (numel 0).
+        self.num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.flops_per_sample = self.data.flops_per_sample(model.config)
         optimizer = build_optimizer(model, cfg.train, is_offload_optimizer(ds_config))
         scheduler = build_scheduler(optimizer, cfg.train, lambda: self.state.num_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
+
+    def _build_model(self, ds_config: dict) -> torch.nn.Module:
+        """The model to train. Under ZeRO-3 a `model.init_from` checkpoint is loaded partitioned:
+        transformers' HfDeepSpeedConfig makes from_pretrained run under deepspeed.zero.Init, so
+        each rank reads only its shard, where a plain load holds the whole model on every rank
+        at once (gemma-7b: 28 GB of fp32 per rank, eight ranks to a node). Only for this load:
+        the object's lifetime is what transformers checks, and later from_pretrained calls on
+        one rank alone (the evaluation's) must not become collectives."""
+        if self.zero_stage != 3 or not self.cfg.model.init_from:
+            return build_model(self.cfg.model, len(self.tokenizer))
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (alive while from_pretrained runs)
+        try:
+            model = build_model(self.cfg.model, len(self.tokenizer))
+        finally:
+            del hf_ds_config
+        if self.rank == 0:
+            log.info("loaded model.init_from %s partitioned across the ranks (ZeRO-3, deepspeed.zero.Init)",
+                     self.cfg.model.init_from)
+        return model
 
     def _build_logger(self) -> MetricLogger:
         run = self.cfg.run
@@ -340,10 +362,9 @@ class Trainer:
             tag = self.save()
         batch = self.load_batch(0, 0, 0)  # the same fixed batch on every rank
         engine_logits = self.engine_logits(batch)
-        if self.rank == 0:
-            model = self.export_and_verify(tag, batch, engine_logits)
-            self.maybe_evaluate(model)
-        dist.barrier()  # the other ranks wait for rank 0's export (and evaluation)
+        model = self.export_and_verify(tag, batch, engine_logits) if self.rank == 0 else None
+        dist.barrier()  # the other ranks wait for rank 0's export
+        self.maybe_evaluate(model)
 
     def engine_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Collective under ZeRO-3 (parameters are gathered layer by layer)."""
@@ -372,11 +393,15 @@ class Trainer:
             self.logger.mlflow.log_artifact(export_dir, "export")
         return model
 
-    def maybe_evaluate(self, model: torch.nn.Module) -> None:
-        """Rank 0: the objective's evaluation on the task's eval split with the exported model (why
-        not the engine: trainer/seq2seq.py); figures as eval/* metrics, its files as artifacts."""
-        if not self.cfg.eval.enabled:
+    def maybe_evaluate(self, model: torch.nn.Module | None) -> None:
+        """Collective: the objective's evaluation on the task's eval split with the exported model
+        (why not the engine: trainer/seq2seq.py), each rank a shard of it, so that no rank waits
+        at a barrier for a whole split (the process group's timeout); rank 0 logs the figures as
+        eval/* metrics and the files as artifacts. `model`: rank 0's export, the others load it."""
+        if not self.cfg.eval.enabled or self.data.evaluate is None:
             return
+        if model is None:
+            model = get_model_class(self.cfg.model).from_pretrained(self.run_dir / "export").eval()
         model.to(self.engine.device)
         result = self.data.evaluate(model, self.cfg.eval, self.run_dir)
         if result is None:
