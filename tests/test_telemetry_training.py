@@ -43,7 +43,7 @@ def test_training_survives_the_tracking_server_going_away(tmp_path, tiny_data, m
     cmd = [sys.executable, "-m", "launcher.cli", "train", str(ROOT / "configs/t5-tiny-zero3.yaml"), "name=run",
            f"output_dir={tmp_path / 'out'}", f"data.output_dir={tiny_data}", "deepspeed.config=zero2",
            f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}", "train.global_batch_size=16",
-           "train.micro_batch_size=4", "checkpoint.every_steps=0", "mlflow.log_model=false",
+           "train.micro_batch_size=8", "checkpoint.every_steps=0", "mlflow.log_model=false",
            f"mlflow.tracking_uri={server.uri}", "mlflow.retry_interval_s=0.5", "telemetry.interval_s=1"]
     train = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -47,7 +47,7 @@ def test_run_directory_layout(trained_run):
     stage, _, run_dir = trained_run
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == int(stage[-1])
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["run"]["world_size"] == 2 and config["run"]["gradient_accumulation_steps"] == 2
+    assert config["run"]["world_size"] == 2 and config["run"]["gradient_accumulation_steps"] == 1
     assert (run_dir / "logs" / "rank_0.log").is_file() and (run_dir / "logs" / "rank_1.log").is_file()
     # Where each rank's start-up time went (every restart and every test pays it).
     for rank in (0, 1):

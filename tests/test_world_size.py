@@ -35,7 +35,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REFERENCE_STEPS, run_t5ja
+from conftest import MICRO_BATCH_SIZE, REFERENCE_STEPS, run_t5ja
 from conftest import train_args as reference_train_args
 from trainer import checkpoint as ckpt
 from trainer import universal
@@ -242,9 +242,9 @@ def assert_data_position(run_dir: Path, restarts: list[int], changes: list[tuple
 def assert_world_size_recorded(run_dir: Path, world_size: int) -> None:
     """The launcher re-derived the accumulation; the final checkpoint says who wrote it."""
     run = json.loads((run_dir / "config.json").read_text())["run"]
-    assert (run["world_size"], run["gradient_accumulation_steps"]) == (world_size, GLOBAL_BATCH // (4 * world_size))
+    assert (run["world_size"], run["gradient_accumulation_steps"]) == (world_size, GLOBAL_BATCH // (MICRO_BATCH_SIZE * world_size))
     ds = json.loads((run_dir / "ds_config.json").read_text())
-    assert ds["gradient_accumulation_steps"] == GLOBAL_BATCH // (4 * world_size)
+    assert ds["gradient_accumulation_steps"] == GLOBAL_BATCH // (MICRO_BATCH_SIZE * world_size)
     manifest = json.loads((run_dir / "checkpoints" / ckpt.tag_for(STEPS) / ckpt.MANIFEST).read_text())
     assert manifest["topology"]["world_size"] == manifest["topology"]["dp_world_size"] == world_size
 

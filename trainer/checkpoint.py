@@ -337,6 +337,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 master weights of a ZeRO-1/2/3 checkpoint, gathered on the CPU of this process."""
+    from trainer.distributed import import_deepspeed
+
+    import_deepspeed()  # `t5ja export` in a fresh process: without the autotuner's MLflow import
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
