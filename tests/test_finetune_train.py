@@ -99,8 +99,11 @@ def test_init_from_is_loaded_partitioned_under_zero3(finetune_run, tiny_hf_model
 
     out, run_dir, _ = finetune_run
     log = (run_dir / "logs" / "rank_0.log").read_text()
-    assert f"loaded model.init_from {tiny_hf_model} partitioned across the ranks (ZeRO-3" in log
-    num_params = sum(p.numel() for p in T5ForConditionalGeneration.from_pretrained(tiny_hf_model).parameters())
+    model = T5ForConditionalGeneration.from_pretrained(tiny_hf_model)
+    num_tensors = len(list(model.parameters()))
+    assert (f"loaded model.init_from {tiny_hf_model} partitioned across the ranks (ZeRO-3, deepspeed.zero.Init): "
+            f"{num_tensors} of {num_tensors} parameter tensors partitioned") in log
+    num_params = sum(p.numel() for p in model.parameters())
     run = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run((run_dir / "mlflow_run_id").read_text().strip())
     assert f"({num_params / 1e6:.1f}M params)" in run.data.tags["mlflow.note.content"]
 

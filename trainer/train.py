@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,10 @@ from trainer.causal_lm import CausalLMData
 from trainer.config import TrainConfig, WorkerConfig, get_epoch_steps
 from trainer.data import BatchPlan, SpanCorruptionData
 from trainer.distributed import get_restart_count, ranks_flagging
+from trainer.evaluate import get_peak_memory, load_model
 from trainer.faults import Faults
 from trainer.metrics import MetricLogger, build_metric_logger, flatten
-from trainer.model import build_model, get_model_class
+from trainer.model import build_model
 from trainer.optim import build_optimizer, build_scheduler, lr_factor
 from trainer.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.seq2seq import Seq2SeqData
@@ -161,8 +161,11 @@ class Trainer:
         finally:
             del hf_ds_config
         if self.rank == 0:
-            log.info("loaded model.init_from %s partitioned across the ranks (ZeRO-3, deepspeed.zero.Init)",
-                     self.cfg.model.init_from)
+            # ds_id: set on every parameter zero.Init partitioned; the count says the load was partitioned.
+            partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
+            log.info("loaded model.init_from %s partitioned across the ranks (ZeRO-3, deepspeed.zero.Init): %d of "
+                     "%d parameter tensors partitioned", self.cfg.model.init_from, partitioned,
+                     len(list(model.parameters())))
         return model
 
     def _build_logger(self) -> MetricLogger:
@@ -327,7 +330,7 @@ class Trainer:
             "train/nonfinite_skips": self.state.nonfinite_skips,
             "train/error_rate": self.state.nonfinite_skips / step,  # failed steps / steps
             "train/epoch_time_s": self.data.num_samples / metrics["train/samples_per_s"],  # at the current rate
-            "train/peak_memory_gib": peak_memory_gib(),
+            "train/peak_memory_gib": get_peak_memory(self.engine.device)[0] / 2**30,
         })
         peak_flops = self.cfg.telemetry.peak_flops_per_device
         if peak_flops:
@@ -401,7 +404,7 @@ class Trainer:
         if not self.cfg.eval.enabled or self.data.evaluate is None:
             return
         if model is None:
-            model = get_model_class(self.cfg.model).from_pretrained(self.run_dir / "export").eval()
+            model = load_model(self.cfg.model, self.run_dir / "export", self.engine.device)
         model.to(self.engine.device)
         result = self.data.evaluate(model, self.cfg.eval, self.run_dir)
         if result is None:
@@ -416,14 +419,6 @@ class Trainer:
         self.telemetry.stop()  # first: its last samples (and the relayed ones) go into the run
         if self.logger is not None:
             self.logger.close(status)
-
-
-def peak_memory_gib() -> float:
-    """This rank's peak memory: the device's allocations on CUDA, the process's resident set
-    on CPU (the device there)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def get_num_steps(cfg: TrainConfig, num_samples: int, saved: ckpt.TrainState | None = None) -> int:
