@@ -191,6 +191,11 @@ def is_answer_correct(example: Example, prediction: str) -> bool:
     return bool(get_exact_match(prediction, example.target))
 
 
+def get_pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS (Gemma's has a pad token; some causal LMs' have none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def get_stop_ids(tokenizer) -> list[int]:
     """EOS, and <end_of_turn> where the tokenizer has it as one token (Gemma's does): a model
     trained on this format ends its turn with it."""
@@ -201,7 +206,7 @@ def _generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens
     """Greedy answers of one batch of prompts (token ids), cut at the end of the model's turn."""
     import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = get_pad_id(tokenizer)
     width = max(len(prompt) for prompt in prompts)
     ids, mask = np.full((len(prompts), width), pad_id, dtype=np.int64), np.zeros((len(prompts), width), np.int64)
     for row, prompt in enumerate(prompts):

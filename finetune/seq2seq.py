@@ -23,8 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune import Example, ReadReport
-# LOGGED_INPUT_CHARS: the records' input length, re-exported (the records were made here first)
-from finetune.serving import LOGGED_INPUT_CHARS, predict_in_batches  # noqa: F401
+from finetune.serving import predict_in_batches
 
 if TYPE_CHECKING:
     import torch

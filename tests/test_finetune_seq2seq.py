@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from data_prep.config import TokenizerConfig
 from data_prep.tokenizer import export_hf_tokenizer, load_tokenizer, train_sentencepiece
 from finetune import Example
-from finetune.seq2seq import (IGNORE_INDEX, LOGGED_INPUT_CHARS, Seq2SeqLengths, generate_predictions, get_batch,
+from finetune.seq2seq import (IGNORE_INDEX, Seq2SeqLengths, generate_predictions, get_batch,
                               read_predictions, tokenize_examples, write_predictions)
+from finetune.serving import LOGGED_INPUT_CHARS
 from trainer.model import ModelConfig, build_model
 
 NEKO = Path(__file__).resolve().parents[1] / "data_prep" / "samples" / "neko.txt"

@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import Field
 
-from finetune.chat import IGNORE_INDEX, ChatWindowsConfig, Windows, build_windows, tokenize_chat
+from finetune.chat import IGNORE_INDEX, ChatWindowsConfig, Windows, build_windows, get_pad_id, tokenize_chat
 from finetune.tasks import ChatTaskData, EvalResult
 from trainer.data import SampleOrder
 from trainer.distributed import gather_shards, get_shard
@@ -49,7 +49,7 @@ def tokenize_windows(conversations, tokenizer, cfg: ChatWindowsConfig) -> Window
         return tokenizer.encode(text, add_special_tokens=False)
 
     examples = [tokenize_chat(messages, encode, tokenizer.bos_token_id) for messages in conversations]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = get_pad_id(tokenizer)
     return build_windows(examples, cfg.max_length, pad_id, cfg.pack, cfg.overlong)
 
 
