@@ -5,9 +5,8 @@ empty for other sources) so that later filtering and statistics can use them.
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
-
-from data_prep.readers import RawDoc
 
 DOCS_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -22,16 +21,22 @@ DOCS_SCHEMA = pa.schema([
 ])
 
 
-def build_docs_batch(ids: list[str], source: str, raws: list[RawDoc], texts: pa.Array) -> pa.RecordBatch:
-    """One record batch of cleaned documents: `texts` (already an Arrow column) with each
-    document's id, its source and what the reader found (`raws`, in the same order)."""
-    metas = [raw.meta or {} for raw in raws]
-    columns = {
-        "id": ids, "source": [source] * len(raws), "title": [raw.title for raw in raws], "url": [raw.url for raw in raws],
-        "quality_warnings": [meta.get("quality_warnings") or [] for meta in metas],
-        "categories": [meta.get("categories") or [] for meta in metas],
-        "harmful_pp": [meta.get("harmful_pp") for meta in metas], "lang_score": [meta.get("lang_score") for meta in metas],
-    }
-    arrays = [texts if name == "text" else pa.array(columns[name], DOCS_SCHEMA.field(name).type)
+def build_docs_batch(ids: list[str], source: str, titles: pa.Array, urls: pa.Array, metas: list[dict] | None,
+                     texts: pa.Array) -> pa.RecordBatch:
+    """One record batch of cleaned documents: `texts` with each document's id, its source, and
+    what the reader found (`metas`: OSCAR's metadata per document, None when there is none)."""
+    num_rows = len(texts)
+    if metas is None:
+        no_list = pa.ListArray.from_arrays(pa.array(np.zeros(num_rows + 1, dtype=np.int32)), pa.array([], pa.string()))
+        meta_columns = {"quality_warnings": no_list, "categories": no_list,
+                        "harmful_pp": pa.nulls(num_rows, pa.float64()), "lang_score": pa.nulls(num_rows, pa.float64())}
+    else:
+        meta_columns = {
+            "quality_warnings": [meta.get("quality_warnings") or [] for meta in metas],
+            "categories": [meta.get("categories") or [] for meta in metas],
+            "harmful_pp": [meta.get("harmful_pp") for meta in metas], "lang_score": [meta.get("lang_score") for meta in metas],
+        }
+    columns = {"id": ids, "source": [source] * num_rows, "title": titles, "url": urls, "text": texts, **meta_columns}
+    arrays = [columns[name] if isinstance(columns[name], pa.Array) else pa.array(columns[name], DOCS_SCHEMA.field(name).type)
               for name in DOCS_SCHEMA.names]
     return pa.RecordBatch.from_arrays(arrays, schema=DOCS_SCHEMA)

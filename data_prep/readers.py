@@ -4,7 +4,8 @@ Formats (`detect_format` guesses one from the name and the first record):
 
 - `text`, `oscar2019`, `cc100`: one paragraph per line; a blank (whitespace-only) line ends a document,
   and runs of blank lines are one separator.
-- `jsonl`: one JSON object per line, text under `text_field`; `wikiextractor`: `wikiextractor --json`
+- `jsonl`: one JSON object per line, text under `text_field` (from a plain file, runs of lines come
+  as a `DocBatch` from `read_split_batches`: see data_prep/json_blocks.py); `wikiextractor`: `wikiextractor --json`
   lines (entities such as `&lt;` decoded); `oscar`: OSCAR 22.01+ lines (`content`, `warc_headers`,
   `metadata`, the latter summarised in `RawDoc.meta`).
 - `wikipedia_xml`: a MediaWiki export dump, page by page; only articles are kept (`is_article`:
@@ -27,7 +28,8 @@ that holds its first byte: for line formats the first byte of its first line, fo
 - "file@byte=N" for a truncated or corrupt compressed stream: N counts the decompressed bytes
   (from the split's start) that were read intact.
 
-Bad input never raises: invalid UTF-8 is decoded with U+FFFD and counted in `num_bad_byte_lines`;
+Bad input never raises: invalid UTF-8 is decoded with U+FFFD and counted in `num_bad_byte_lines`
+(so is a JSON lone surrogate escape);
 malformed records, lines over `max_line_bytes` (skipped without being held in memory; in the
 paragraph formats such a line also ends the document it was in) and a truncated or corrupt
 compressed stream each come back as a `Reject`. At a corrupt stream the file stops, and the record
@@ -45,16 +47,18 @@ import lzma
 import mmap
 import re
 import zlib
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Generator, Iterator
 from urllib.parse import quote
 from xml.etree import ElementTree
 
 import orjson
+import pyarrow as pa
 import zstandard
 
+from data_prep.json_blocks import BLOCK_BYTES, BlockParser, DocBatch, can_read_blocks, find_line_starts, find_object_lines
 from data_prep.wikitext import wikitext_to_text
 
 FORMATS = ("text", "jsonl", "wikipedia_xml", "wikiextractor", "oscar2019", "oscar", "cc100")
@@ -167,6 +171,31 @@ def read_split(
     read intact from the split's start.
     """
     path = Path(path)
+    items = read_split_batches(path, fmt, start, end, text_field=text_field, max_line_bytes=max_line_bytes)
+    return _expand_batches(Split(path, start, end, io.BytesIO(), 0), items)
+
+
+def _expand_batches(split: Split, items: Iterator[RawDoc | Reject | DocBatch]) -> Iterator[RawDoc | Reject]:
+    """`split`: only its `where_line` is used."""
+    for item in items:
+        if isinstance(item, DocBatch):
+            yield from expand_batch(split, item)
+        else:
+            yield item
+
+
+def read_split_batches(
+    path: Path,
+    fmt: str,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    text_field: str = "text",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> Iterator[RawDoc | Reject | DocBatch]:
+    """`read_split`, with runs of plain-file generic JSON lines as a `DocBatch` each (what the
+    docs workers read: no Python object per document); `read_split` is this, expanded."""
+    path = Path(path)
     _require_file(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in FORMATS:
@@ -200,7 +229,14 @@ def _read_split(path, fmt, start, end, text_field, max_line_bytes) -> Iterator[R
         elif fmt == "wikipedia_xml":
             yield from wiki_docs(split, lines, max_line_bytes)
         else:
-            yield from json_docs(split, lines, build_json_parser(fmt, text_field))
+            blocks = BlockParser(text_field) if _reads_blocks(split, fmt, text_field) else None
+            yield from json_docs(split, lines, build_json_parser(fmt, text_field), blocks)
+
+
+def _reads_blocks(split: Split, fmt: str, text_field: str) -> bool:
+    """Arrow's JSON reader takes generic JSON lines from plain files (a compressed stream's bytes
+    could not be read again line by line after a failed block)."""
+    return fmt == "jsonl" and split.streams is None and not split.compressed and can_read_blocks(text_field)
 
 
 def _require_file(path: Path) -> None:
@@ -491,6 +527,16 @@ class Line:
     raw: bytes | None  # None: longer than max_line_bytes, skipped without being kept
 
 
+@dataclass
+class Block:
+    """Whole lines read at once (LineStream.read_block)."""
+
+    data: bytes
+    offset: int  # stream offset of its first line
+    number: int  # 1-based number of its first line
+    starts: list[int]  # offset of each line in `data`
+
+
 class LineStream:
     """The lines of a binary stream, read in bounded memory.
 
@@ -504,11 +550,35 @@ class LineStream:
         self.error: Exception | None = None
 
     def __iter__(self) -> Iterator[Line]:
+        return self.iter_lines()
+
+    def iter_lines(self, until: int | None = None, max_lines: int | None = None) -> Iterator[Line]:
+        """The lines starting before stream offset `until`, at most `max_lines` of them."""
         try:
-            while line := self._next_line():
+            while (until is None or self.offset < until) and max_lines != 0 and (line := self._next_line()):
+                max_lines = None if max_lines is None else max_lines - 1
                 yield line
         except STREAM_ERRORS as e:
             self.error = e
+
+    def read_block(self, size: int) -> Block | None:
+        """The whole lines of about the next `size` bytes (b"" if the next line is longer); None at
+        the end. Only for a plain file: a partial last line is left unread by seeking back."""
+        data = self.f.read(size)
+        if not data:
+            return None
+        if len(data) == size:
+            data = data[: data.rfind(b"\n") + 1]
+            self.f.seek(self.offset + len(data))
+        block = Block(data, self.offset, self.number + 1, find_line_starts(data))
+        self.offset += len(data)
+        self.number += len(block.starts)
+        return block
+
+    def rewind(self, block: Block) -> None:
+        """Back to the start of `block`, to read it line by line."""
+        self.f.seek(block.offset)
+        self.offset, self.number = block.offset, block.number - 1
 
     def _next_line(self) -> Line | None:
         raw = self.f.readline(self.max_line_bytes + 1)
@@ -593,11 +663,26 @@ def paragraph_docs(split: Split, lines: LineStream) -> Iterator[RawDoc | Reject]
 JsonParser = Callable[[dict, str, bool], "RawDoc | Reject"]
 
 
-def json_docs(split: Split, lines: LineStream, parse: JsonParser) -> Iterator[RawDoc | Reject]:
-    """One document per non-blank JSON line; malformed lines come back as `Reject`."""
-    for line in lines:
+def json_docs(split: Split, lines: LineStream, parse: JsonParser,
+              blocks: BlockParser | None = None) -> Iterator[RawDoc | Reject | DocBatch]:
+    """One document per non-blank JSON line; malformed lines come back as `Reject`. With a
+    `BlockParser`, runs of good lines come back as a `DocBatch` (see data_prep.json_blocks)."""
+    if blocks is None:
+        yield from json_line_docs(split, lines, parse)
+    else:
+        yield from json_block_docs(split, lines, parse, blocks)
+    if lines.error is not None:
+        # A line cut by the stream's end is never returned by readline: nothing to drop here.
+        yield stream_error(split, lines)
+
+
+def json_line_docs(split: Split, lines: LineStream, parse: JsonParser, until: int | None = None,
+                   max_lines: int | None = None) -> Generator[RawDoc | Reject, None, bool]:
+    """The per-line reader, over the lines starting before `until` (at most `max_lines`);
+    returns whether it reached the split's end."""
+    for line in lines.iter_lines(until, max_lines):
         if split.past_end(line.offset):
-            return
+            return True
         if not split.owns(line.offset):
             continue
         where = split.where_line(line)
@@ -607,9 +692,61 @@ def json_docs(split: Split, lines: LineStream, parse: JsonParser) -> Iterator[Ra
         record, bad = load_json_line(line.raw, where)
         if record is not None:
             yield record if isinstance(record, Reject) else parse(record, where, bad)
-    if lines.error is not None:
-        # A line cut by the stream's end is never returned by readline: nothing to drop here.
-        yield stream_error(split, lines)
+    return False
+
+
+def json_block_docs(split: Split, lines: LineStream, parse: JsonParser,
+                    blocks: BlockParser) -> Iterator[RawDoc | Reject | DocBatch]:
+    """Blocks of lines through Arrow's JSON reader; a block it cannot vouch for goes line by line."""
+    while True:
+        try:
+            block = lines.read_block(BLOCK_BYTES)
+        except STREAM_ERRORS as e:
+            lines.error = e
+            return
+        if block is None:
+            return
+        if not block.data:  # a line longer than a block
+            lines.rewind(block)
+            if (yield from json_line_docs(split, lines, parse, max_lines=1)):
+                return
+            continue
+        batch, at_end = read_json_block(split, block, blocks, lines.max_line_bytes)
+        if batch is None:
+            lines.rewind(block)
+            yield from json_line_docs(split, lines, parse, until=block.offset + len(block.data))
+        elif len(batch):
+            yield batch
+        if at_end:
+            return
+
+
+def read_json_block(split: Split, block: Block, blocks: BlockParser, max_line_bytes: int) -> tuple[DocBatch | None, bool]:
+    """(the documents of the split's lines in `block`, or None to read them line by line; whether
+    the block reaches the split's end). Plain files only: a stream offset is a file offset."""
+    starts = block.starts
+    lo = bisect_left(starts, split.start - block.offset)
+    hi = len(starts) if split.end is None else bisect_left(starts, split.end - block.offset)
+    at_end = hi < len(starts)
+    rows = find_object_lines(block.data, starts, lo, hi, max_line_bytes, block.offset == 0)
+    if rows is None:
+        return None, at_end
+    if not rows:
+        return DocBatch(pa.array([], pa.string()), [], pa.array([], pa.string()), pa.array([], pa.string()), [], []), at_end
+    end = starts[rows[-1] + 1] if rows[-1] + 1 < len(starts) else len(block.data)
+    batch = blocks.parse(memoryview(block.data)[starts[rows[0]] : end], len(rows))
+    if batch is not None:
+        batch.line_offsets = [block.offset + starts[i] for i in rows]
+        batch.line_numbers = [block.number + i for i in rows]
+    return batch, at_end
+
+
+def expand_batch(split: Split, batch: DocBatch) -> list[RawDoc]:
+    """A DocBatch as the RawDocs the per-line reader gives."""
+    texts, titles, urls = batch.texts.to_pylist(), batch.titles.to_pylist(), batch.urls.to_pylist()
+    return [RawDoc(text, split.where_line(Line(offset, number, None)), doc_id=doc_id, title=title, url=url)
+            for text, doc_id, title, url, offset, number
+            in zip(texts, batch.doc_ids, titles, urls, batch.line_offsets, batch.line_numbers)]
 
 
 def load_json_line(raw: bytes, where: str) -> tuple[dict | Reject | None, bool]:
@@ -629,7 +766,28 @@ def load_json_line(raw: bytes, where: str) -> tuple[dict | Reject | None, bool]:
     if isinstance(record, dict) and not any(isinstance(value, float) for value in record.values()):
         return record, False
     text, bad = decode_line(raw)
-    return (load_json_object(text, where) if text.strip() else None), bad
+    record = load_json_object(text, where) if text.strip() else None
+    if isinstance(record, dict) and _SURROGATE_ESCAPE.search(text):
+        replaced = replace_lone_surrogates(record)
+        bad, record = bad or replaced != record, replaced
+    return record, bad
+
+
+# A \uD800-\uDFFF escape: the json module turns one that is not half of a pair into a lone
+# surrogate, which no UTF-8 writer (Arrow, files) accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def replace_lone_surrogates(value):
+    """`value` with each lone surrogate in its strings (keys too) replaced by U+FFFD, as invalid
+    UTF-8 bytes are: the record is kept and counted as having had bad bytes."""
+    if isinstance(value, str):
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, dict):
+        return {replace_lone_surrogates(key): replace_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [replace_lone_surrogates(item) for item in value]
+    return value
 
 
 def build_json_parser(fmt: str, text_field: str) -> JsonParser:

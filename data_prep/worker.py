@@ -35,7 +35,8 @@ from data_prep.dedup import minhash_signature, utf8_hash, write_hashes, write_si
 from data_prep.documents import DOCS_SCHEMA, build_docs_batch
 from data_prep.filters import apply_filters, build_filters
 from data_prep.pack import iter_utf8
-from data_prep.readers import RawDoc, Reject, read_split
+from data_prep.json_blocks import DocBatch
+from data_prep.readers import RawDoc, Reject, read_split_batches
 from data_prep.units import Unit
 
 _EOS = np.array([1], dtype=np.int32)  # T5 layout EOS (data_prep.tokenizer.EOS_ID)
@@ -79,9 +80,9 @@ class TokenSink:
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int32, count=len(encoded))
         pieces = [_EOS] * (2 * len(encoded))
         pieces[::2] = encoded
-        if pieces:
-            self.tokens.write(np.concatenate(pieces).astype(np.int32, copy=False).tobytes())
-        self.lengths.write(lengths.tobytes())
+        if pieces:  # written from the array's own buffer: a tobytes() copy costs fresh pages
+            self.tokens.write(np.concatenate(pieces).astype(np.int32, copy=False).data)
+        self.lengths.write(lengths.data)
 
     def close(self) -> None:
         self.tokens.close()
@@ -164,9 +165,9 @@ class UnitProcessor:
         return stats
 
     def _read_all(self, unit: Unit, writer: UnitWriter, stats: UnitStats) -> None:
-        records = read_split(Path(unit.path), unit.format, unit.start, unit.end,
-                             text_field=self.data.inputs[unit.input_index].text_field,
-                             max_line_bytes=self.data.max_line_bytes)
+        records = read_split_batches(Path(unit.path), unit.format, unit.start, unit.end,
+                                     text_field=self.data.inputs[unit.input_index].text_field,
+                                     max_line_bytes=self.data.max_line_bytes)
         batch: list[RawDoc] = []
         batch_chars = 0
         try:
@@ -175,35 +176,41 @@ class UnitProcessor:
                     stats.num_rejected += 1
                     writer.add_reject(unit, item)
                     continue
+                if isinstance(item, DocBatch):  # already columns: after the documents before it
+                    if batch:
+                        self._add_batch(unit, DocColumns.from_raws(batch), writer, stats)
+                        batch, batch_chars = [], 0
+                    self._add_batch(unit, DocColumns.from_batch(item), writer, stats)
+                    continue
                 batch.append(item)
                 batch_chars += len(item.text)
                 if len(batch) >= BATCH_ROWS or batch_chars >= BATCH_CHARS:
-                    self._add_batch(unit, batch, writer, stats)
+                    self._add_batch(unit, DocColumns.from_raws(batch), writer, stats)
                     batch, batch_chars = [], 0
             if batch:
-                self._add_batch(unit, batch, writer, stats)
+                self._add_batch(unit, DocColumns.from_raws(batch), writer, stats)
         except (OSError, ValueError, EOFError) as err:
             # Readers turn bad records into rejects; what reaches here stops the whole unit.
             shutil.rmtree(writer.tmp_dir, ignore_errors=True)
             raise UnitError(f"{unit.path}: cannot be read as {unit.format}: {type(err).__name__}: {err}") from err
 
-    def _add_batch(self, unit: Unit, raws: list[RawDoc], writer: UnitWriter, stats: UnitStats) -> None:
+    def _add_batch(self, unit: Unit, docs: DocColumns, writer: UnitWriter, stats: UnitStats) -> None:
         """Clean, filter and write a batch of documents, in reading order."""
-        raw_texts = pa.array([raw.text for raw in raws], pa.string())
-        stats.num_docs_in += len(raws)
-        stats.num_bad_byte_lines += sum(raw.num_bad_byte_lines for raw in raws)
-        stats.text_bytes_in += get_utf8_bytes(raw_texts)
-        texts = self.normalize(raw_texts)
-        keep, dropped = apply_filters(self.filters, texts, [raw.meta or {} for raw in raws])
+        stats.num_docs_in += len(docs.texts)
+        stats.num_bad_byte_lines += docs.num_bad_byte_lines
+        stats.text_bytes_in += get_utf8_bytes(docs.texts)
+        texts = self.normalize(docs.texts)
+        keep, dropped = apply_filters(self.filters, texts, docs.metas or [{}] * len(texts))
         stats.dropped.update(dropped)
         rows = np.flatnonzero(keep).tolist()
         if not rows:
             return
-        kept = [raws[row] for row in rows]
-        texts = texts if len(rows) == len(raws) else texts.take(pa.array(rows, pa.int64()))
-        ids = [f"{unit.source}:{self._local_id(unit, raw, stats.num_docs_out + i)}" for i, raw in enumerate(kept)]
+        if len(rows) < len(keep):
+            docs = docs.take(rows)
+            texts = texts.take(pa.array(rows, pa.int64()))
+        ids = [f"{unit.source}:{self._local_id(unit, doc_id, stats.num_docs_out + i)}" for i, doc_id in enumerate(docs.doc_ids)]
         utf8 = list(iter_utf8(texts))
-        writer.add(build_docs_batch(ids, unit.source, kept, texts), utf8)
+        writer.add(build_docs_batch(ids, unit.source, docs.titles, docs.urls, docs.metas, texts), utf8)
         if writer.signatures is not None:
             dedup = self.data.dedup
             writer.signatures.extend(minhash_signature(text, dedup.num_perm, dedup.shingle_chars) for text in texts.to_pylist())
@@ -211,9 +218,39 @@ class UnitProcessor:
         stats.text_bytes_out += sum(map(len, utf8))
 
     @staticmethod
-    def _local_id(unit: Unit, raw: RawDoc, row_out: int) -> str:
+    def _local_id(unit: Unit, doc_id: str | None, row_out: int) -> str:
         """The reader's id, else one from the unit and the document's row among those kept."""
-        return raw.doc_id if raw.doc_id is not None else f"{unit.index:06d}-{row_out:07d}"
+        return doc_id if doc_id is not None else f"{unit.index:06d}-{row_out:07d}"
+
+
+@dataclass
+class DocColumns:
+    """A batch of read documents, column by column: what cleaning, filters and the docs file take."""
+
+    texts: pa.Array
+    doc_ids: list[str | None]
+    titles: pa.Array
+    urls: pa.Array
+    metas: list[dict] | None  # None: no reader metadata (all but OSCAR)
+    num_bad_byte_lines: int = 0
+
+    @classmethod
+    def from_raws(cls, raws: list[RawDoc]) -> "DocColumns":
+        metas = [raw.meta for raw in raws] if any(raw.meta for raw in raws) else None
+        return cls(pa.array([raw.text for raw in raws], pa.string()), [raw.doc_id for raw in raws],
+                   pa.array([raw.title for raw in raws], pa.string()), pa.array([raw.url for raw in raws], pa.string()),
+                   metas, sum(raw.num_bad_byte_lines for raw in raws))
+
+    @classmethod
+    def from_batch(cls, batch: DocBatch) -> "DocColumns":
+        return cls(batch.texts, batch.doc_ids, batch.titles, batch.urls, None)
+
+    def take(self, rows: list[int]) -> "DocColumns":
+        """The kept rows (num_bad_byte_lines stays the batch's: it counts what was read)."""
+        indices = pa.array(rows, pa.int64())
+        return DocColumns(self.texts.take(indices), [self.doc_ids[row] for row in rows], self.titles.take(indices),
+                          self.urls.take(indices), None if self.metas is None else [self.metas[row] for row in rows],
+                          self.num_bad_byte_lines)
 
 
 def get_utf8_bytes(texts: pa.Array) -> int:
@@ -238,15 +275,18 @@ def _publish(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-# Worker processes build their processor once (the normaliser and filters are not free to set up).
+# Built once per run, before the worker processes are forked (the normaliser, filters and
+# tokenizer are not free to set up).
 _PROCESSOR: UnitProcessor | None = None
 
 
-def init_worker(data_json: str, spiece_path: str | None = None, child_process: bool = False) -> None:
+def init_worker(data: DataConfig, spiece_path: Path | None = None) -> None:
     global _PROCESSOR
-    if child_process:
-        _probe_pandas_without_importing()
-    _PROCESSOR = UnitProcessor(DataConfig.model_validate_json(data_json), Path(spiece_path) if spiece_path else None)
+    _PROCESSOR = UnitProcessor(data, spiece_path)
+
+
+def init_child_process() -> None:
+    _probe_pandas_without_importing()
 
 
 class _RefusePandas(importlib.abc.MetaPathFinder):

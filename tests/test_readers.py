@@ -491,7 +491,7 @@ def test_cut_xml_dump_is_reported_once_whatever_the_splits(tmp_path, cut):
 @pytest.mark.parametrize("raw", [
     '{"id": 7, "text": "吾輩は猫である"}\n'.encode(),
     b'{"id": 123456789012345678901234567890, "text": "big id"}\n',  # orjson would read a float
-    b'{"text": NaN}\n', b'{"text": "\\ud800"}\n',  # json's extensions: lone surrogate, NaN
+    b'{"text": NaN}\n',  # json's extension
     b'{"text": "caf\xe9"}\n',  # invalid UTF-8: U+FFFD, flagged
     b'\n', b'  \r\n', '\u3000\n'.encode(),  # blank lines, also by Unicode's whitespace
     b'[1, 2]\n', b'{"text": "cut', b'{"text": "x"} trailing\n',
@@ -504,3 +504,20 @@ def test_json_lines_read_as_the_json_module_reads_them(raw):
     expected = (load_json_object(text, "f:1") if text.strip() else None), bad
     got = load_json_line(raw, "f:1")
     assert repr(got) == repr(expected)  # repr: NaN != NaN
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"text": "a\\ud800b"}', ({"text": "a\ufffdb"}, True)),
+    (b'{"text": "x", "t": ["\\udc00"], "\\udfff": 1}', ({"text": "x", "t": ["\ufffd"], "\ufffd": 1}, True)),
+    (b'{"text": "\\ud83d\\ude00", "n": NaN}', (None, False)),  # a pair is one character: not bad
+])
+def test_lone_surrogates_become_replacement_characters(raw, expected):
+    """The json module reads a lone surrogate escape into a str that no UTF-8 writer accepts: it
+    would have failed the whole unit. It is replaced and flagged, as invalid UTF-8 bytes are."""
+    from data_prep.readers import load_json_line
+
+    record, bad = load_json_line(raw, "f:1")
+    if expected[0] is None:
+        assert record["text"] == "\U0001f600" and not bad
+    else:
+        assert (record, bad) == expected
