@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import xxhash
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 # Big-endian halves: numeric order of (hi, lo) is the byte order of the digest, and the top
@@ -23,18 +24,22 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 HASH_DTYPE = np.dtype([("hi", ">u8"), ("lo", ">u8"), ("row", "<u4")])
 DIGEST_DTYPE = np.dtype([("hi", ">u8"), ("lo", ">u8")])
 HASH_BYTES = 16
+HASH_NAME = "xxh3_128"  # in the units' plan: hash files of another hash are redone
 # datasketch 2.0's bias-free affine scheme with 64-bit values (its default, affine32, stores uint32).
 MINHASH_SCHEME = "affine64"
 
 
 def text_hash(text: str) -> bytes:
-    """16-byte blake2b digest of the UTF-8 text: collisions are negligible (2^-64 at 2^32 documents)."""
+    """16-byte XXH3-128 digest of the UTF-8 text: collisions are negligible (2^-64 at 2^32 documents).
+
+    A non-cryptographic hash is enough against accidental collisions (datatrove's dedup uses
+    xxhash too) and runs ~10x faster than blake2b: the docs workers hash every document."""
     return utf8_hash(text.encode("utf-8"))
 
 
 def utf8_hash(utf8: bytes) -> bytes:
     """`text_hash` of a text already encoded (as the docs workers hold it, sliced from Arrow)."""
-    return hashlib.blake2b(utf8, digest_size=HASH_BYTES).digest()
+    return xxhash.xxh3_128_digest(utf8)
 
 
 def write_hashes(path: Path, hashes: list[bytes]) -> None:

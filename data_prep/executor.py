@@ -20,7 +20,7 @@ from typing import Callable
 
 from data_prep.config import DataConfig
 from data_prep.units import Unit, get_params_digest, get_plan_params, units_to_json
-from data_prep.worker import init_worker, run_unit
+from data_prep.worker import init_child_process, init_worker, run_unit
 
 PROGRESS_EVERY_S = 30.0
 
@@ -104,17 +104,17 @@ def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_
                   while_waiting: Callable[[], None] | None):
     if not pending:  # all done already: no worker (nor its tokenizer) to set up
         return
-    data_json = data.model_dump_json()
-    spiece = str(spiece_path) if spiece_path else None
+    # Built here, before the fork: the workers share its SentencePiece model instead of each
+    # loading its own (read-only pages, never copied).
+    init_worker(data, spiece_path)
     workers = min(get_num_workers(data), len(pending))
     if workers == 1:
-        init_worker(data_json, spiece)
         for unit in pending:
             yield run_unit(unit, str(work_dir))
         return
-    # fork: workers start in milliseconds and inherit the imported modules.
+    # fork: workers start in milliseconds and inherit the imported modules and the processor.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(data_json, spiece, True)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_child_process) as pool:
         futures = [pool.submit(run_unit, unit, str(work_dir)) for unit in pending]
         if while_waiting is not None:  # the workers are forked by now: no thread or lock of it is copied
             while_waiting()

@@ -26,6 +26,34 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
+class HashingFile:
+    """A binary file being written and the sha256 of what was written: a shard's digest without
+    reading it back."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
 class ShardWriter:
     """Writes record batches to `shard-00000.arrow`, `shard-00001.arrow`, ... in `out_dir`.
 
@@ -69,7 +97,8 @@ class ShardWriter:
 
     def _open(self) -> None:
         path = self.out_dir / f"shard-{len(self.shards):05d}.arrow"
-        self._sink = pa.OSFile(str(path), "wb")
+        self._hashing = HashingFile(open(path, "wb"))
+        self._sink = pa.PythonFile(self._hashing, mode="w")
         self._writer = pa.ipc.new_stream(self._sink, self.schema)
         self._rows = 0
         self._origins = set()
@@ -78,7 +107,7 @@ class ShardWriter:
         self._writer.close()
         self._sink.close()
         path = self.out_dir / f"shard-{len(self.shards):05d}.arrow"
-        entry = {"file": path.name, "rows": self._rows, "bytes": path.stat().st_size, "sha256": get_sha256(path)}
+        entry = {"file": path.name, "rows": self._rows, "bytes": path.stat().st_size, "sha256": self._hashing.hexdigest()}
         if self._origins:
             entry["inputs"] = sorted(self._origins)
         self.shards.append(entry)
