@@ -97,6 +97,31 @@ def test_token_windows_read_data_prep_shards(neko_data):
     assert (rows >= 0).all() and (rows < 4100).all()
 
 
+def test_token_windows_are_pyarrows_views_without_pandas(neko_data):
+    """The shards are read as pyarrow's zero-copy to_numpy would, without the pandas import
+    that its conversion does (~1 s per rank start)."""
+    import pyarrow as pa
+
+    from data_prep import layout
+    from trainer.data import _numpy_view
+
+    windows = TokenWindows(layout.tokens_dir(neko_data))
+    shard = windows.manifest["shards"][0]["file"]
+    table = pa.ipc.open_stream(pa.memory_map(str(layout.tokens_dir(neko_data) / shard))).read_all()
+    expected = table.column("input_ids").combine_chunks().values.to_numpy(zero_copy_only=True)
+    view = windows._shards[0]
+    assert view.dtype == expected.dtype and np.array_equal(view.ravel(), expected) and not view.flags.writeable
+    for values in (pa.array(np.arange(50), pa.uint16()), pa.array(np.arange(50), pa.int64()).slice(7, 20)):
+        assert np.array_equal(_numpy_view(values), values.to_numpy(zero_copy_only=True))
+        assert _numpy_view(values).dtype == values.to_numpy(zero_copy_only=True).dtype
+    with pytest.raises(pa.ArrowInvalid, match="zero_copy_only"):
+        _numpy_view(pa.array([1, None], pa.int32()))
+    script = ("import sys; from trainer.data import TokenWindows\n"
+              f"TokenWindows({str(layout.tokens_dir(neko_data))!r}).get([0]); print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
+
+
 def test_token_windows_missing_manifest_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `t5ja prep`"):
         TokenWindows(tmp_path)
@@ -160,12 +185,19 @@ def test_resume_refuses_another_global_batch_size():
     check_data_position(TrainState(), 32, "step_00000000")
 
 
-def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
-    """DeepSpeed's autotuner imports MLflow (~2.8 s per worker start) unless it is hidden."""
+def test_deepspeed_is_imported_without_mlflow_or_inductor():
+    """DeepSpeed's autotuner imports MLflow (~2.8 s per worker start) unless it is hidden, and
+    the Muon module its ZeRO optimizers import would import TorchInductor (~3 s) for
+    torch.compile; MLflow stays importable, Muon's kernels eager, DeepSpeed's compile() as it was."""
     script = ("import sys; from trainer.distributed import import_deepspeed; import_deepspeed()\n"
               "from deepspeed.autotuning import autotuner\n"
               "print('mlflow' in sys.modules, autotuner.has_mlflow)\n"
+              "from deepspeed.runtime import compiler\n"
+              "from deepspeed.runtime.zero.muon import original_muon\n"
+              "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam\n"
+              "print(compiler.compile() is compiler.dummy_decorator, 'torch._inductor' in sys.modules,\n"
+              "      type(original_muon.zeropower_via_newtonschulz5).__name__)\n"
               "import mlflow; print(mlflow.__name__)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={**os.environ, "DS_ACCELERATOR": "cpu"}).stdout.split()
-    assert out == ["False", "False", "mlflow"]
+    assert out == ["False", "False", "False", "False", "function", "mlflow"]

@@ -48,7 +48,7 @@ class TokenWindows:
 
     def _map_shard(self, path: Path) -> np.ndarray:
         table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-        flat = table.column("input_ids").combine_chunks().values.to_numpy(zero_copy_only=True)
+        flat = _numpy_view(table.column("input_ids").combine_chunks().values)
         return flat.reshape(-1, self.pack_length)
 
     def __len__(self) -> int:
@@ -59,6 +59,19 @@ class TokenWindows:
         shard_ids = np.searchsorted(self._offsets, indices, side="right") - 1
         rows = [self._shards[s][i - self._offsets[s]] for s, i in zip(shard_ids, indices)]
         return np.stack(rows).astype(np.int64)
+
+
+def _numpy_view(values: pa.Array) -> np.ndarray:
+    """`values.to_numpy(zero_copy_only=True)`: a read-only view of the memory-mapped data. For
+    an integer array without nulls (the token ids) the view is taken from its data buffer
+    directly, because pyarrow's conversion imports pandas (~1 s of CPU in every rank at every
+    start) for nothing here. Anything else (nulls, empty, other types) goes through pyarrow."""
+    if not pa.types.is_integer(values.type) or values.null_count or not len(values):
+        return values.to_numpy(zero_copy_only=True)
+    dtype = np.dtype(str(values.type))  # int8 ... uint64: numpy's names for arrow's integer types
+    view = np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize)
+    view.flags.writeable = False  # as pyarrow's zero-copy views: Arrow data is immutable
+    return view
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -60,18 +61,50 @@ def import_deepspeed():
     deepspeed.runtime.config imports deepspeed.autotuning, whose module body tries `import
     mlflow` (for `deepspeed --autotuning` runs, which t5ja never starts): ~2.8 s of CPU in every
     worker at every start, on ranks that log nothing. The autotuner catches the ImportError;
-    MLflow stays importable for our own logger afterwards."""
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    hide = "mlflow" not in sys.modules
-    if hide:
-        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this is set
+    MLflow stays importable for our own logger afterwards. Also imports DeepSpeed's Muon
+    optimizer without torch.compile (see _import_muon_uncompiled)."""
+    if "deepspeed" not in sys.modules:
+        hide = "mlflow" not in sys.modules
+        if hide:
+            sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this is set
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            if hide and sys.modules.get("mlflow", 0) is None:
+                del sys.modules["mlflow"]
+    _import_muon_uncompiled()
+    return sys.modules["deepspeed"]
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with its Newton-Schulz kernels left eager.
+
+    Every ZeRO optimizer (stage3.py's constructor, stage_1_and_2.py's first gradient reduction)
+    imports deepspeed.runtime.zero.muon for an isinstance check against MuonWithAuxAdam. Its
+    original_muon.py decorates three functions with `compiler.compile()`, i.e. torch.compile,
+    which imports TorchInductor: ~3 s of CPU in every rank at every start. t5ja never trains
+    with Muon (trainer/optim.py builds AdamW or DeepSpeedCPUAdam; launcher/ds_config.py refuses
+    an `optimizer` section), so the module is imported once here while deepspeed's compile()
+    returns its own no-op decorator (what it returns on a torch without torch.compile). Only
+    for this import: compiler.compile is restored at once, and a DeepSpeed without the module
+    or with another layout is left alone."""
+    if MUON_MODULE in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    real_compile, no_op = getattr(compiler, "compile", None), getattr(compiler, "dummy_decorator", None)
+    if real_compile is None or no_op is None:
+        return
+    compiler.compile = lambda: no_op
     try:
-        import deepspeed
+        importlib.import_module(MUON_MODULE)
+    except Exception:  # noqa: BLE001 - no Muon here, or it fails: DeepSpeed's own import decides later
+        pass
     finally:
-        if hide and sys.modules.get("mlflow", 0) is None:
-            del sys.modules["mlflow"]
-    return deepspeed
+        compiler.compile = real_compile
 
 
 def init_distributed() -> None:
