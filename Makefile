@@ -37,8 +37,12 @@ $(STAMP): pyproject.toml setup.py data_prep/_whitespace.c Makefile
 quickstart: setup
 	$(VENV)/bin/t5ja quickstart
 
+# Two pytest-xdist workers: one runs the tests that share the reference runs and the Slurm
+# cluster (one xdist_group, tests/conftest.py), the other takes the rest meanwhile; many tests
+# wait on processes, servers and the scheduler, so two streams keep both cores busy.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -ra --durations=15
+	$(PY) -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 # Pure-logic tests only (seconds): no torchrun, no DeepSpeed engine.
 test-fast: setup
