@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
-from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 # Big-endian halves: numeric order of (hi, lo) is the byte order of the digest, and the top
 # bits of `hi` are its first bytes, so a bucket (a range of `hi`) is one contiguous slice.
@@ -128,6 +127,8 @@ _SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 @functools.lru_cache(maxsize=8)
 def get_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """datasketch draws its permutations per MinHash object; drawing them once saves that per document."""
+    from datasketch import MinHash  # near dedup only: datasketch imports scipy.integrate (~1 s)
+
     return MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME).permutations
 
 
@@ -153,6 +154,8 @@ def minhash_signature(text: str, num_perm: int, shingle_chars: int, seed: int = 
     """MinHash signature (uint64, `num_perm` values) of the text's character shingles; deterministic."""
     # The shingles are already 64-bit hashes, so datasketch's hash function is the identity
     # (`int`); its affine64 scheme pre-mixes them with the MurmurHash3 finalizer.
+    from datasketch import MinHash
+
     minhash = MinHash(
         num_perm=num_perm, seed=seed, hashfunc=int, permutations=get_permutations(num_perm, seed), scheme=MINHASH_SCHEME
     )
@@ -183,6 +186,8 @@ class NearDuplicateIndex:
         self.threshold = threshold
         self.seed = seed
         self.confirm = confirm
+        from datasketch import MinHashLSH
+
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, hashfunc=compress_band)
         self.signatures: dict[str, np.ndarray] = {}
 
@@ -192,6 +197,8 @@ class NearDuplicateIndex:
         An LSH candidate is confirmed by its estimated Jaccard similarity (if `confirm`):
         banding also returns some pairs below the threshold.
         """
+        from datasketch import LeanMinHash
+
         minhash = LeanMinHash(seed=self.seed, hashvalues=signature, scheme=MINHASH_SCHEME)
         candidates = self.lsh.query(minhash)
         if candidates and not self.confirm:
