@@ -265,58 +265,15 @@ def cmd_export(args) -> int:
 
 
 def get_eval_options(job, args):
-    """The evaluation's options: the command line's, else the job's eval section and objective;
-    ConfigError naming every problem (an objective with no task, no model directory, ...)."""
-    from pydantic import ValidationError
+    """The evaluation's options (trainer.evaluate.build_eval_options); ConfigError naming every
+    problem (an objective with no task, no model directory, ...)."""
+    from trainer.evaluate import build_eval_options
 
-    from launcher.job import pydantic_problems
-    from trainer.evaluate import EVALUATORS, EvalOptions
-    from trainer.model import get_init_from_problems
-
-    name = job.objective.name
-    if name not in EVALUATORS:
-        raise ConfigError(args.job, [("objective.name", f"{name} has no task to be scored on: `t5ja eval` scores "
-                                      f"jobs of objective {' or '.join(EVALUATORS)}")])
-    evaluator = EVALUATORS[name]
-    values = {"model": str(Path(args.model).resolve()) if args.model else str(job.run_dir / "export"),
-              "split": args.split or job.eval.split,
-              "batch_size": _first_set(args.batch_size, job.eval.batch_size),
-              "max_new_tokens": _first_set(args.max_new_tokens, job.eval.max_new_tokens,
-                                           evaluator.default_max_new_tokens(job.objective)),
-              "limit": args.limit, "ratings": str(Path(args.ratings).resolve()) if args.ratings else None}
-    try:
-        opts = EvalOptions(**values)
-    except ValidationError as err:
-        options = [(f"--{path.replace('_', '-')}", msg) for path, msg in pydantic_problems(err)]
-        raise ConfigError(args.job, options) from None
-    problems = get_init_from_problems(opts.model, "--model")
-    if problems and not args.model:
-        problems = [(key, f"{msg}: `t5ja train` writes RUN_DIR/export at the end of training (`t5ja export "
-                          "RUN_DIR` from a checkpoint); train the job first, or pass --model PATH")
-                    for key, msg in problems]
-    if opts.ratings and not Path(opts.ratings).is_file():
-        problems.append(("--ratings", f"{opts.ratings}: no such file"))
+    given = {name: getattr(args, name) for name in ("model", "split", "batch_size", "max_new_tokens", "limit", "ratings")}
+    opts, problems = build_eval_options(job.objective, job.eval, job.run_dir, given)
     if problems:
         raise ConfigError(args.job, problems)
     return opts
-
-
-def _first_set(*values):
-    return next(value for value in values if value is not None)
-
-
-def get_final_step(job) -> int:
-    """The step the training-time evaluation logs at: train.steps, or the count the run resolved
-    train.epochs to (its newest checkpoint's TrainState; 0 while it has none)."""
-    from trainer import checkpoint as ckpt
-
-    if job.train.epochs is None:
-        return job.train.steps
-    tag = ckpt.get_latest_tag(job.run_dir)
-    path = ckpt.checkpoints_dir(job.run_dir) / tag if tag else None
-    if path is None or not (path / "train_state.json").is_file():
-        return 0
-    return ckpt.read_train_state(path).num_steps
 
 
 def cmd_eval(args) -> int:
@@ -343,13 +300,14 @@ def cmd_eval(args) -> int:
 def log_eval(job, report) -> int:
     """The evaluation into the job's MLflow run (trainer.evaluate.log_to_mlflow): 0, or
     EXIT_NOT_LOGGED with a warning when the store cannot be reached or refuses."""
-    from trainer.evaluate import TrackingError, log_to_mlflow
+    from trainer.evaluate import TrackingError, get_final_step, log_to_mlflow
 
     if not job.mlflow.enabled:
         print("MLflow: not logged (mlflow.enabled is false)")
         return 0
     try:
-        run_id = log_to_mlflow(job.mlflow, job.tracking_uri, job.run_dir, job.name, get_final_step(job), report)
+        final_step = get_final_step(job.train.steps, job.run_dir)  # steps is None for a run of epochs
+        run_id = log_to_mlflow(job.mlflow, job.tracking_uri, job.run_dir, job.name, final_step, report)
     except TrackingError as err:
         print(f"warning: MLflow: NOT logged ({err}); the files above hold every figure (exit code "
               f"{EXIT_NOT_LOGGED})", file=sys.stderr)

@@ -14,10 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from data_prep.config import DataConfig, TokenizerConfig
 from launcher.slurm import SlurmConfig
 from trainer.checkpoint import CheckpointConfig
-from trainer.config import ObjectiveConfig, TaskConfig, TrainConfig
+from trainer.config import EvalConfig, ObjectiveConfig, TaskConfig, TrainConfig
 from trainer.metrics import MLflowConfig
 from trainer.model import ModelConfig
-from trainer.seq2seq import EvalConfig
 from trainer.span_corruption import SpanCorruptionConfig
 from trainer.telemetry import TelemetryConfig
 

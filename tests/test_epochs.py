@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -103,17 +102,19 @@ def test_lr_decays_to_its_floor_at_the_resolved_step():
 
 
 def test_eval_logs_at_the_step_the_run_resolved(tmp_path):
-    from launcher.cli import get_final_step
     from trainer import checkpoint as ckpt
+    from trainer.evaluate import get_final_step
 
     job = load_job(QUICKSTART, [f"output_dir={tmp_path}", "train.steps=null", "train.epochs=2"], base_dir=ROOT)
-    assert get_final_step(job) == 0  # not trained yet
+    assert job.train.steps is None and get_final_step(job.train.steps, job.run_dir) == 0  # not trained yet
     step_dir = ckpt.checkpoints_dir(job.run_dir) / ckpt.tag_for(12)
     step_dir.mkdir(parents=True)
     (step_dir / "train_state.json").write_text(json.dumps({"step": 12, "num_steps": 12, "epochs": 2.0}))
     (step_dir.parent / "latest").write_text(step_dir.name + "\n")
-    assert get_final_step(job) == 12
-    assert get_final_step(load_job(QUICKSTART, [f"output_dir={tmp_path}"], base_dir=ROOT)) == 300
+    assert get_final_step(job.train.steps, job.run_dir) == 12
+    assert ckpt.read_latest_train_state(job.run_dir).num_steps == 12
+    job = load_job(QUICKSTART, [f"output_dir={tmp_path}"], base_dir=ROOT)
+    assert get_final_step(job.train.steps, job.run_dir) == 300
 
 
 # ---- a real run -------------------------------------------------------------------------

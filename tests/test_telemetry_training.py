@@ -5,7 +5,6 @@ MLflow run, and its status is FINISHED."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time

@@ -23,6 +23,7 @@ Evaluation runs on rank 0 from the exported model (RUN_DIR/export), as seq2seq's
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Literal, Sequence
 
@@ -101,7 +102,7 @@ class CausalLMData:
         return "\n".join(lines)
 
     def evaluate(self, model, cfg, run_dir) -> EvalResult | None:
-        """Collective: eval/loss on the split `cfg.split` (trainer.seq2seq.EvalConfig), each rank
+        """Collective: eval/loss on the split `cfg.split` (trainer.config.EvalConfig), each rank
         summing its shard of the windows; the result on rank 0, None on the others and if the
         task has no such split."""
         windows = self.eval_windows.get(cfg.split)
@@ -115,9 +116,16 @@ class CausalLMData:
         if shard is None:
             return None
         loss_sum, num_tokens = sum(loss for loss, _ in shard), sum(count for _, count in shard)
-        metrics = {"loss": loss_sum / num_tokens, "num_windows": len(windows.input_ids),
-                   "num_trained_tokens": num_tokens, "eval_s": time.perf_counter() - start}
+        metrics = {**get_loss_metrics(loss_sum, num_tokens, len(windows.input_ids)), "eval_s": time.perf_counter() - start}
         return EvalResult(metrics, describe_windows(cfg.split, windows) + f"\nmean token loss {metrics['loss']:.4f}")
+
+
+def get_loss_metrics(loss_sum: float, num_tokens: int, num_windows: int) -> dict[str, float]:
+    """The evaluation's loss figures (training-time and `t5ja eval`): the mean token loss over the
+    trained tokens of the windows, its perplexity, and what it was taken over."""
+    loss = loss_sum / num_tokens
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "num_windows": num_windows, "num_trained_tokens": num_tokens}
 
 
 def get_loss_sum(model, windows: Windows, batch_size: int, rows: Sequence[int] | None = None) -> tuple[float, int]:

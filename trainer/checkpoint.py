@@ -250,6 +250,15 @@ def read_train_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / "train_state.json").read_text()))
 
 
+def read_latest_train_state(run_dir: Path) -> TrainState | None:
+    """The TrainState of the run's newest checkpoint, None while it has none."""
+    tag = get_latest_tag(run_dir)
+    path = checkpoints_dir(run_dir) / tag if tag else None
+    if path is None or not (path / "train_state.json").is_file():
+        return None
+    return read_train_state(path)
+
+
 def load_rng_state(path: Path, step: int) -> None:
     """This rank's saved RNG states; a rank that has none (resuming on more ranks than saved)
     is seeded from (train.seed, step, rank) instead. Data are unaffected either way: the

@@ -21,7 +21,7 @@ from trainer.metrics import MLflowConfig
 from finetune.tasks import ChatTaskConfig, JGLUETaskConfig, LivedoorSFTTaskConfig, LivedoorTaskConfig
 from trainer.causal_lm import CausalLMConfig
 from trainer.model import ModelConfig
-from trainer.seq2seq import EvalConfig, Seq2SeqConfig
+from trainer.seq2seq import Seq2SeqConfig
 from trainer.span_corruption import SpanCorruptionConfig
 from trainer.telemetry import TelemetryConfig
 
@@ -56,6 +56,20 @@ TaskConfig = Annotated[
 
 
 DEFAULT_STEPS = 1000  # train.steps when neither it nor train.epochs is given
+
+
+class EvalConfig(BaseModel):
+    """After the last step: seq2seq generates, scored by the task; causal_lm its loss. And `t5ja eval`'s defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="evaluate after the last step (objectives seq2seq and causal_lm)")
+    split: Literal["test", "validation"] = Field("test", description="the task split to evaluate on")
+    batch_size: int = Field(32, gt=0, description="examples per generate() call (seq2seq, and `t5ja eval`'s "
+                                                  "answers), windows per forward (causal_lm's loss)")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="tokens generated per example at most; default objective.target_length (seq2seq), "
+                                "128 (`t5ja eval` of causal_lm)")
 
 
 class TrainConfig(BaseModel):

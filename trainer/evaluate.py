@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from finetune.chat import build_chat_prompt, generate_answers, is_answer_correct
 from finetune.seq2seq import generate_predictions, write_predictions
 from finetune.serving import is_failed, pass_at_1, read_ratings_csv, summarize_ratings, summarize_requests
 from finetune.tasks import CorrectPredicate, load_chat_task, load_task
-from trainer.causal_lm import CausalLMConfig, get_loss_sum, tokenize_windows
+from trainer.causal_lm import CausalLMConfig, get_loss_metrics, get_loss_sum, tokenize_windows
 from trainer.metrics import MLflowConfig, get_experiment_id, is_transient, limit_http_retries
 from trainer.model import ModelConfig, get_model_class
 from trainer.seq2seq import Seq2SeqConfig
@@ -68,6 +67,54 @@ class EvalOptions(BaseModel):
                                                   "eval.max_new_tokens, else the objective's)")
     limit: int | None = Field(None, gt=0, description="score only the split's first N examples")
     ratings: str | None = Field(None, description="CSV of human ratings, header request_id,rating (1-5)")
+
+
+def build_eval_options(objective, eval_cfg, run_dir: Path, given: dict) -> tuple[EvalOptions | None, list[tuple[str, str]]]:
+    """The options of an evaluation of a job: `given`'s (the command line's: model, split,
+    batch_size, max_new_tokens, limit, ratings; None where not given), else the job's `eval`
+    section and objective. Returns (options, every problem as (option, message)); the options
+    are None when the values do not validate."""
+    from pydantic import ValidationError
+
+    from trainer.model import get_init_from_problems
+
+    if objective.name not in EVALUATORS:
+        return None, [("objective.name", f"{objective.name} has no task to be scored on: `t5ja eval` scores "
+                                         f"jobs of objective {' or '.join(EVALUATORS)}")]
+    values = {"model": str(Path(given["model"]).resolve()) if given["model"] else str(run_dir / "export"),
+              "split": given["split"] or eval_cfg.split,
+              "batch_size": _first_set(given["batch_size"], eval_cfg.batch_size),
+              "max_new_tokens": _first_set(given["max_new_tokens"], eval_cfg.max_new_tokens,
+                                           EVALUATORS[objective.name].default_max_new_tokens(objective)),
+              "limit": given["limit"], "ratings": str(Path(given["ratings"]).resolve()) if given["ratings"] else None}
+    try:
+        opts = EvalOptions(**values)
+    except ValidationError as err:  # every key is given: only bad values, named by their option
+        return None, [(f"--{str(e['loc'][0]).replace('_', '-')}", f"{e['msg']} (got {e.get('input')!r})")
+                      for e in err.errors()]
+    problems = get_init_from_problems(opts.model, "--model")
+    if problems and not given["model"]:
+        problems = [(key, f"{msg}: `t5ja train` writes RUN_DIR/export at the end of training (`t5ja export "
+                          "RUN_DIR` from a checkpoint); train the job first, or pass --model PATH")
+                    for key, msg in problems]
+    if opts.ratings and not Path(opts.ratings).is_file():
+        problems.append(("--ratings", f"{opts.ratings}: no such file"))
+    return opts, problems
+
+
+def _first_set(*values):
+    return next(value for value in values if value is not None)
+
+
+def get_final_step(steps: int | None, run_dir: Path) -> int:
+    """The step the training-time evaluation logged at: `steps` (train.steps), or, for a run of
+    train.epochs, the count it resolved them to (its newest checkpoint's; 0 while it has none)."""
+    from trainer.checkpoint import read_latest_train_state
+
+    if steps is not None:
+        return steps
+    state = read_latest_train_state(run_dir)
+    return 0 if state is None else state.num_steps
 
 
 @dataclass
@@ -174,10 +221,7 @@ class CausalLMEval:
         if not num_windows:  # every conversation overlong under objective.overlong=drop
             log.warning("no evaluation window (conversations dropped as overlong): no loss")
             return {"num_windows": 0}
-        loss_sum, num_tokens = get_loss_sum(model, self.windows, self.opts.batch_size)
-        loss = loss_sum / num_tokens
-        return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-                "num_windows": num_windows, "num_trained_tokens": num_tokens}
+        return get_loss_metrics(*get_loss_sum(model, self.windows, self.opts.batch_size), num_windows)
 
 
 EVALUATORS: dict[str, type[Seq2SeqEval] | type[CausalLMEval]] = {"seq2seq": Seq2SeqEval, "causal_lm": CausalLMEval}

@@ -20,16 +20,19 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from finetune.seq2seq import Seq2SeqLengths, generate_predictions, get_batch, tokenize_examples, write_predictions
 from finetune.tasks import EvalResult, TaskData
 from trainer.data import SampleOrder
 from trainer.distributed import gather_shards, get_shard
 from trainer.flops import t5_flops_per_sample
+
+if TYPE_CHECKING:
+    from trainer.config import EvalConfig
 
 log = logging.getLogger("trainer.seq2seq")
 
@@ -38,20 +41,6 @@ class Seq2SeqConfig(Seq2SeqLengths):
     """Seq2seq fine-tuning on the examples of the job's `task:` section (T5 encoder-decoder)."""
 
     name: Literal["seq2seq"] = Field(description="Objective name; selects this objective.")
-
-
-class EvalConfig(BaseModel):
-    """After the last step: seq2seq generates, scored by the task; causal_lm its loss. And `t5ja eval`'s defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(True, description="evaluate after the last step (objectives seq2seq and causal_lm)")
-    split: Literal["test", "validation"] = Field("test", description="the task split to evaluate on")
-    batch_size: int = Field(32, gt=0, description="examples per generate() call (seq2seq, and `t5ja eval`'s "
-                                                  "answers), windows per forward (causal_lm's loss)")
-    max_new_tokens: int | None = Field(
-        None, gt=0, description="tokens generated per example at most; default objective.target_length (seq2seq), "
-                                "128 (`t5ja eval` of causal_lm)")
 
 
 class Seq2SeqData:

@@ -237,9 +237,9 @@ class Trainer:
             log.info("the run now ends at step %d (%s; checkpoint %s was training to step %d)", num_steps, setting,
                      tag, saved.num_steps)
         elif self.rank == 0 and num_steps != self.state.num_steps:  # _build_data's count, from the data now
-            log.warning("%s over the %d training samples the data hold now is %d steps, but checkpoint %s resolved "
-                        "it to %d: keeping %d, so that the run ends where it was going to", setting,
-                        self.data.num_samples, self.state.num_steps, tag, num_steps, num_steps)
+            log.warning("the run keeps ending at step %d, as checkpoint %s resolved %s; over the %d training "
+                        "samples the data hold now, it would be step %d", num_steps, tag, setting,
+                        self.data.num_samples, self.state.num_steps)
         saved.num_steps, saved.epochs = num_steps, cfg.epochs
 
     def log_run_start(self) -> None:
