@@ -15,16 +15,6 @@ NEKO = ROOT / "data_prep" / "samples" / "neko.txt"
 INPUT_LENGTH = 128  # as configs/quickstart.yaml: windows of 141 tokens
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest-xdist workers (--dist loadgroup). The tests that read the
-    reference runs or use the local Slurm cluster go to one worker as one group: the reference
-    runs are then trained once, and the cluster (network namespaces, fixed addresses) is up
-    once on the machine. Every other test goes to whichever worker is free."""
-    for item in items:
-        if {"reference_run", "cluster"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("reference"))
-
-
 def run_t5ja(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
     """The real CLI in a child process, as a user would run it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
