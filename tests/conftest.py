@@ -15,6 +15,22 @@ NEKO = ROOT / "data_prep" / "samples" / "neko.txt"
 INPUT_LENGTH = 128  # as configs/quickstart.yaml: windows of 141 tokens
 
 
+# The files of the longest tests, longest first (the durations in docs/benchmarks.md). `make test`
+# hands whole files to its two xdist workers in collection order: started first, these leave the
+# short files to fill the end instead of one worker finishing a long file alone.
+SLOW_FILES_FIRST = (
+    "test_slurm.py", "test_resume.py", "test_restarts.py", "test_world_size.py", "test_finetune_jglue_train.py",
+    "test_quickstart.py", "test_telemetry_training.py", "test_nonfinite.py", "test_finetune_train.py",
+    "test_mlflow_server.py", "test_causal_export.py", "test_train_multiproc.py", "test_epochs.py",
+    "test_telemetry.py", "test_finetune_eval.py", "test_prep_executor.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 def run_t5ja(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
     """The real CLI in a child process, as a user would run it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
