@@ -41,9 +41,11 @@ quickstart: setup
 # streams keep both cores busy. --dist loadfile: a test file runs on one worker, so the Slurm
 # cluster (tests/test_slurm.py; it can be up only once on a machine) is never up twice.
 # (xdist_group markers would be finer, but xdist 3.8 does not apply them under pytest 9.)
+# --no-loadscope-reorder: files go out in collection order, longest first (tests/conftest.py),
+# not xdist's default of most tests first, which left the few long resume tests for the end.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Pure-logic tests only (seconds): no torchrun, no DeepSpeed engine.
 test-fast: setup
