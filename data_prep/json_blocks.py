@@ -94,8 +94,9 @@ class BlockParser:
         self.text_field = text_field
         self.id_type = pa.string()  # becomes int64 for a corpus of integer ids, once seen
 
-    def parse(self, data: memoryview, num_rows: int) -> DocBatch | None:
-        """The documents of `data` (whole lines, `num_rows` of them objects), or None."""
+    def parse(self, data: memoryview, line_offsets: list[int], line_numbers: list[int]) -> DocBatch | None:
+        """The documents of `data` (whole lines, one object on each line at `line_offsets`), or None."""
+        num_rows = len(line_offsets)
         buffer = pa.py_buffer(data)
         if not is_utf8(buffer):
             return None
@@ -109,7 +110,7 @@ class BlockParser:
         if self.id_type != pa.string():
             ids = [None if value is None else str(value) for value in ids]
         titles, urls = (table.column(name).combine_chunks().fill_null("") for name in ("title", "url"))
-        return DocBatch(texts, ids, titles, urls, [], [])
+        return DocBatch(texts, ids, titles, urls, line_offsets, line_numbers)
 
     def _read(self, buffer: pa.Buffer) -> pa.Table | None:
         for id_type in dict.fromkeys([self.id_type, pa.int64()]):

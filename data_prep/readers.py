@@ -55,7 +55,6 @@ from urllib.parse import quote
 from xml.etree import ElementTree
 
 import orjson
-import pyarrow as pa
 import zstandard
 
 from data_prep.json_blocks import BLOCK_BYTES, BlockParser, DocBatch, can_read_blocks, find_line_starts, find_object_lines
@@ -715,7 +714,7 @@ def json_block_docs(split: Split, lines: LineStream, parse: JsonParser,
         if batch is None:
             lines.rewind(block)
             yield from json_line_docs(split, lines, parse, until=block.offset + len(block.data))
-        elif len(batch):
+        else:
             yield batch
         if at_end:
             return
@@ -729,15 +728,11 @@ def read_json_block(split: Split, block: Block, blocks: BlockParser, max_line_by
     hi = len(starts) if split.end is None else bisect_left(starts, split.end - block.offset)
     at_end = hi < len(starts)
     rows = find_object_lines(block.data, starts, lo, hi, max_line_bytes, block.offset == 0)
-    if rows is None:
+    if not rows:  # None, or no object line of the split (its last lines, blank lines): per line
         return None, at_end
-    if not rows:
-        return DocBatch(pa.array([], pa.string()), [], pa.array([], pa.string()), pa.array([], pa.string()), [], []), at_end
     end = starts[rows[-1] + 1] if rows[-1] + 1 < len(starts) else len(block.data)
-    batch = blocks.parse(memoryview(block.data)[starts[rows[0]] : end], len(rows))
-    if batch is not None:
-        batch.line_offsets = [block.offset + starts[i] for i in rows]
-        batch.line_numbers = [block.number + i for i in rows]
+    batch = blocks.parse(memoryview(block.data)[starts[rows[0]] : end],
+                         [block.offset + starts[i] for i in rows], [block.number + i for i in rows])
     return batch, at_end
 
 

@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -205,9 +205,10 @@ class UnitProcessor:
         rows = np.flatnonzero(keep).tolist()
         if not rows:
             return
+        docs = replace(docs, texts=texts)  # the cleaned texts go on; the raw ones are done with
         if len(rows) < len(keep):
             docs = docs.take(rows)
-            texts = texts.take(pa.array(rows, pa.int64()))
+        texts = docs.texts
         ids = [f"{unit.source}:{self._local_id(unit, doc_id, stats.num_docs_out + i)}" for i, doc_id in enumerate(docs.doc_ids)]
         utf8 = list(iter_utf8(texts))
         writer.add(build_docs_batch(ids, unit.source, docs.titles, docs.urls, docs.metas, texts), utf8)
