@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +47,20 @@ def get_drop_masks(work_dir: Path, units: list[Unit], stats: list[dict], data: D
     return exact, near
 
 
-def write_docs(work_dir: Path, units: list[Unit], keep: list[np.ndarray], out_dir: Path, shard_bytes: int) -> list:
-    """Kept rows of every unit, in canonical order, into shards of `shard_bytes`. Each unit's
-    mask is also saved (keep.npy): the tokens stage packs pre-encoded units with it."""
-    writer = ShardWriter(out_dir, DOCS_SCHEMA, shard_bytes)
+def save_keep_masks(work_dir: Path, units: list[Unit], keep: list[np.ndarray]) -> None:
+    """Each unit's keep mask (keep.npy): the tokens stage packs pre-encoded units with it."""
     for unit, unit_keep in zip(units, keep):
         np.save(work_dir / unit.name / "keep.npy", unit_keep)
+
+
+def write_docs(work_dir: Path, units: list[Unit], keep: list[np.ndarray], out_dir: Path, shard_bytes: int) -> list:
+    """Kept rows of every unit, in canonical order, into shards of `shard_bytes`."""
+    writer = ShardWriter(out_dir, DOCS_SCHEMA, shard_bytes)
+    for unit, unit_keep in zip(units, keep):
         offset = 0
-        # Batch by batch from a plain file: memory stays one batch, whatever the unit's size.
-        with pa.OSFile(str(work_dir / unit.name / "docs.arrow")) as source:
+        # Batch by batch from a memory map: no copy of what is read, and memory stays one batch
+        # (pages of the page cache), whatever the unit's size.
+        with pa.memory_map(str(work_dir / unit.name / "docs.arrow")) as source:
             for batch in pa.ipc.open_stream(source):
                 batch_keep = unit_keep[offset:offset + batch.num_rows]
                 offset += batch.num_rows
@@ -132,15 +138,22 @@ def check_rejected_share(inputs: list[dict], max_share: float) -> None:
 
 
 def merge_units(work_dir: Path, units: list[Unit], formats: dict, data: DataConfig, out_dir: Path,
-                units_wall_s: float) -> dict:
-    """Build the final docs/ contents in `out_dir` from finished units; returns the manifest."""
+                units_wall_s: float, alongside: AbstractContextManager | None = None) -> dict:
+    """Build the final docs/ contents in `out_dir` from finished units; returns the manifest.
+
+    `alongside` is entered once the keep masks are saved and exited when the shards are
+    written: work that needs the masks, run in another process meanwhile (pipeline.py packs
+    the pre-encoded tokens)."""
     start = time.perf_counter()
     stats = load_unit_stats(work_dir, units)
     exact, near = get_drop_masks(work_dir, units, stats, data)
     inputs = summarize_inputs(data, formats, units, stats, exact, near)
     merge_rejects(work_dir, units, out_dir / "rejects.jsonl")
     check_rejected_share(inputs, data.max_rejected_share)
-    shards = write_docs(work_dir, units, [~(e | n) for e, n in zip(exact, near)], out_dir, data.shard_bytes)
+    keep = [~(e | n) for e, n in zip(exact, near)]
+    save_keep_masks(work_dir, units, keep)
+    with alongside or nullcontext():
+        shards = write_docs(work_dir, units, keep, out_dir, data.shard_bytes)
     totals = get_totals(inputs, shards)
     merge_s = time.perf_counter() - start
     totals.update(units_wall_s=round(units_wall_s, 3), merge_wall_s=round(merge_s, 3),

@@ -17,7 +17,9 @@ depends only on the documents, never on the number of threads.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -133,28 +135,69 @@ def iter_unit_token_chunks(unit_dir: Path, chunk_tokens: int = ENCODE_CHUNK_BYTE
         first = last
 
 
-def pack_unit_tokens(unit_dirs: list[Path], pack_length: int, out_dir: Path, shard_bytes: int,
-                     vocab_size: int) -> dict:
-    """Like `pack_tokens`, from units the docs workers already encoded: the same windows."""
+def pack_unit_windows(unit_dirs: list[Path], pack_length: int, out_dir: Path, shard_bytes: int) -> dict:
+    """The windows of units the docs workers already encoded (the same windows as `pack_tokens`),
+    into `out_dir`; returns the counts and shards of the manifest."""
     writer = ShardWriter(out_dir, build_tokens_schema(pack_length), shard_bytes)
     packer = WindowPacker(writer, pack_length)
     for unit_dir in unit_dirs:
         for chunk in iter_unit_token_chunks(unit_dir):
             packer.add(chunk)
-    return finish_manifest(packer, writer, pack_length, vocab_size, out_dir)
+    return get_pack_counts(packer, writer, pack_length)
 
 
-def finish_manifest(packer: "WindowPacker", writer: ShardWriter, pack_length: int, vocab_size: int,
-                    out_dir: Path) -> dict:
-    manifest = {
+def pack_unit_tokens(unit_dirs: list[Path], pack_length: int, out_dir: Path, shard_bytes: int,
+                     vocab_size: int) -> dict:
+    """Like `pack_tokens`, from units the docs workers already encoded: the same windows."""
+    return write_tokens_manifest(pack_unit_windows(unit_dirs, pack_length, out_dir, shard_bytes), vocab_size, out_dir)
+
+
+# Units packed ahead of the tokens stage, while the docs merge writes its shards (pipeline.py):
+# `packed/` in the docs work directory, with what it was packed with in PREPACKED_FILE.
+PREPACKED_DIR = "packed"
+PREPACKED_FILE = "packed.json"
+
+
+def prepack_units(unit_dirs: list[Path], pack_length: int, shard_bytes: int, out_dir: Path) -> None:
+    """`pack_unit_windows` into `out_dir`, for the tokens stage to adopt (`adopt_prepacked`).
+    Built in a .tmp directory and renamed when complete: a killed run leaves nothing to adopt."""
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    for stale in (tmp_dir, out_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    counts = pack_unit_windows(unit_dirs, pack_length, tmp_dir, shard_bytes)
+    write_json(tmp_dir / PREPACKED_FILE, {**counts, "shard_bytes": shard_bytes})
+    tmp_dir.rename(out_dir)
+
+
+def adopt_prepacked(packed_dir: Path, pack_length: int, shard_bytes: int, vocab_size: int, out_dir: Path) -> dict | None:
+    """Move prepacked shards into the tokens stage's `out_dir` and return its manifest; None if
+    there are none, or they were packed with another window length or shard size."""
+    info_file = packed_dir / PREPACKED_FILE
+    if not info_file.is_file():
+        return None
+    counts = json.loads(info_file.read_text(encoding="utf-8"))
+    if (counts.pop("pack_length"), counts.pop("shard_bytes")) != (pack_length, shard_bytes):
+        return None
+    for shard in counts["shards"]:
+        (packed_dir / shard["file"]).rename(out_dir / shard["file"])
+    return write_tokens_manifest({"pack_length": pack_length, **counts}, vocab_size, out_dir)
+
+
+def get_pack_counts(packer: "WindowPacker", writer: ShardWriter, pack_length: int) -> dict:
+    return {
         "pack_length": pack_length,
         "num_sequences": packer.num_sequences,
         "num_tokens": packer.num_sequences * pack_length,
         "dropped_tail_tokens": int(len(packer.carry)),
-        "eos_id": EOS_ID,
-        "vocab_size": vocab_size,
         "shards": writer.close(),
     }
+
+
+def write_tokens_manifest(counts: dict, vocab_size: int, out_dir: Path) -> dict:
+    """tokens/manifest.json: the pack counts, the ids the trainer needs, the shards."""
+    manifest = {key: counts[key] for key in ("pack_length", "num_sequences", "num_tokens", "dropped_tail_tokens")}
+    manifest.update(eos_id=EOS_ID, vocab_size=vocab_size, shards=counts["shards"])
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 
@@ -174,4 +217,4 @@ def pack_tokens(
     packer = WindowPacker(writer, pack_length)
     for texts in iter_text_chunks(docs_dir, ENCODE_CHUNK_BYTES):
         packer.add(encode_with_eos(sp, texts, num_threads))
-    return finish_manifest(packer, writer, pack_length, vocab_size, out_dir)
+    return write_tokens_manifest(get_pack_counts(packer, writer, pack_length), vocab_size, out_dir)

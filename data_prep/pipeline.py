@@ -7,9 +7,12 @@ matches the current parameters. A rebuilt stage forces every later stage to rebu
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +21,7 @@ from data_prep.config import DataConfig, TokenizerConfig
 from data_prep.errors import UnreadableInputs
 from data_prep.executor import TaskShare, prepare_work_dir, run_units
 from data_prep.merge import merge_units
-from data_prep.pack import pack_tokens, pack_unit_tokens
+from data_prep.pack import PREPACKED_DIR, adopt_prepacked, pack_tokens, pack_unit_tokens, prepack_units
 from data_prep.shards import write_json
 from data_prep.tokenizer import SPIECE_FILE, TokenizerCheck, build_tokenizer
 from data_prep.units import Plan, get_plan_params, plan_units
@@ -89,11 +92,14 @@ def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log, spiece: 
 
 
 def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log, spiece: Path | None = None,
-               while_waiting: Callable[[], None] | None = None) -> dict:
-    """All units (resuming finished ones), then the merge into `out_dir`."""
+               while_waiting: Callable[[], None] | None = None, pack_length: int | None = None) -> dict:
+    """All units (resuming finished ones), then the merge into `out_dir`. With `pack_length`,
+    pre-encoded units are packed for the tokens stage while the merge writes the docs shards."""
     units_s = run_docs_units(data, plan, TaskShare(), log, spiece, while_waiting)
     work_dir = layout.docs_work_dir(data.output_dir)
-    manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s)
+    shutil.rmtree(work_dir / PREPACKED_DIR, ignore_errors=True)  # packed from an earlier merge's masks
+    packing = packing_alongside(work_dir, pack_length, data.shard_bytes) if pack_length else None
+    manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s, packing)
     for entry in manifest["inputs"]:
         log(f"docs: input {entry['input']} {entry['path']}: {entry['num_docs_out']} of {entry['num_docs_in']} kept")
     return manifest
@@ -108,11 +114,39 @@ def run_docs_task(data: DataConfig, share: TaskShare, log, spiece: Path | None) 
     return {"task": share.index, "num_tasks": share.count, "units": len(owned)}
 
 
-def build_tokens(data: DataConfig, work_dir: Path, docs_dir: Path, spiece: Path, pack_length: int, out_dir: Path,
-                 tok: dict, log) -> dict:
-    """Pack the units the docs workers encoded, when they did (same windows); else encode docs/."""
+def list_encoded_units(work_dir: Path) -> list[Path]:
+    """The unit directories, if the docs workers encoded every unit and the merge saved its
+    keep masks; else []."""
     unit_dirs = sorted(p for p in work_dir.glob("u-*") if p.is_dir() and "." not in p.name) if work_dir.is_dir() else []
     if unit_dirs and all((d / "tokens.bin").is_file() and (d / "keep.npy").is_file() for d in unit_dirs):
+        return unit_dirs
+    return []
+
+
+@contextlib.contextmanager
+def packing_alongside(work_dir: Path, pack_length: int, shard_bytes: int):
+    """Packs the pre-encoded units in a forked process while the docs merge writes its shards:
+    both need only the keep masks, and the merge's copy and the packing each take one core."""
+    unit_dirs = list_encoded_units(work_dir)
+    if not unit_dirs:
+        yield
+        return
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        packed = pool.submit(prepack_units, unit_dirs, pack_length, shard_bytes, work_dir / PREPACKED_DIR)
+        yield
+        packed.result()  # raises what the packing raised
+
+
+def build_tokens(data: DataConfig, work_dir: Path, docs_dir: Path, spiece: Path, pack_length: int, out_dir: Path,
+                 tok: dict, log) -> dict:
+    """Adopt the windows packed during the docs merge; else pack the units the docs workers
+    encoded, when they did (same windows); else encode docs/."""
+    manifest = adopt_prepacked(work_dir / PREPACKED_DIR, pack_length, data.shard_bytes, tok["vocab_size"], out_dir)
+    if manifest is not None:
+        log("tokens: windows of the pre-encoded units, packed during the docs merge")
+        return manifest
+    unit_dirs = list_encoded_units(work_dir)
+    if unit_dirs:
         log(f"tokens: packing {len(unit_dirs)} pre-encoded unit(s)")
         return pack_unit_tokens(unit_dirs, pack_length, out_dir, data.shard_bytes, tok["vocab_size"])
     return pack_tokens(docs_dir, spiece, pack_length, out_dir, data.shard_bytes, tok["vocab_size"])
@@ -141,7 +175,8 @@ def run_prep(data: DataConfig, tokenizer: TokenizerConfig, pack_length: int, log
     check = TokenizerCheck(spiece.parent) if spiece is not None else None
     docs, docs_skipped = run_stage(
         docs_dir, get_docs_params(data, spiece),
-        lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece, check.run if check else None), False, log,
+        lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece, check.run if check else None, pack_length),
+        False, log,
     )
     tok, tok_skipped = run_stage(
         tok_dir, tokenizer.model_dump(),

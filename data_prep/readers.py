@@ -127,10 +127,14 @@ def detect_format(path: Path) -> str:
     return _format_from_head(peek_lines(path), name)
 
 
+TAPER_PARTS = 4
+
+
 def plan_splits(path: Path, fmt: str, unit_bytes: int) -> list[tuple[int, int | None]]:
     """Byte ranges [start, end) of the file (end None: to its end) that read_split reads independently.
 
-    Uncompressed files are cut every `unit_bytes` without scanning (the reader re-aligns to records);
+    Uncompressed files are cut every `unit_bytes` without scanning (the reader re-aligns to records),
+    their last `unit_bytes` in TAPER_PARTS;
     bz2 Wikipedia dumps at bz2 stream starts (multistream dumps have one every 100 pages); other
     compressed files cannot be cut and are one split.
     """
@@ -141,7 +145,10 @@ def plan_splits(path: Path, fmt: str, unit_bytes: int) -> list[tuple[int, int | 
         return group_streams(find_bz2_stream_starts(path), unit_bytes)
     if path.suffix in COMPRESSED_SUFFIXES or size <= unit_bytes:
         return [(0, None)]
-    starts = list(range(0, size, unit_bytes))
+    # The file's last `unit_bytes` go in TAPER_PARTS smaller splits: the work ends on small
+    # units, so the workers finish close together instead of all but one waiting on a full unit.
+    tail = size - unit_bytes
+    starts = [*range(0, tail, unit_bytes), *range(tail, size, -(-unit_bytes // TAPER_PARTS))]
     return list(zip(starts, [*starts[1:], None]))
 
 

@@ -205,3 +205,53 @@ def test_default_sample_sources_are_the_wikipedia_inputs(tmp_path):
 def test_unknown_sample_source_lists_the_available_ones(two_sources):
     with pytest.raises(ValueError, match=r"unknown source\(s\) \['wiki'\]; the docs stage has \['fish', 'neko'\]"):
         get_sample_sources(two_sources, ["neko", "wiki"])
+
+
+# --- units packed during the docs merge (pipeline.packing_alongside) -------------------
+
+
+def write_encoded_unit(unit_dir: Path, docs: list[list[int]], keep: list[bool]) -> None:
+    """A unit as a docs worker leaves it with a tokenizer (ids + EOS per document), plus its keep mask."""
+    unit_dir.mkdir(parents=True)
+    ids = [np.array([*doc, EOS_ID], dtype=np.int32) for doc in docs]
+    np.concatenate([np.zeros(0, dtype=np.int32), *ids]).tofile(unit_dir / "tokens.bin")
+    np.array([len(i) for i in ids], dtype=np.int32).tofile(unit_dir / "lengths.bin")
+    np.save(unit_dir / "keep.npy", np.array(keep))
+
+
+@pytest.fixture
+def encoded_units(tmp_path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    units = []
+    for u, num_docs in enumerate((5, 0, 8)):
+        docs = [rng.integers(3, 1000, rng.integers(0, 40)).tolist() for _ in range(num_docs)]
+        units.append(tmp_path / f"u-{u:06d}")
+        write_encoded_unit(units[-1], docs, [d % 3 != 1 for d in range(num_docs)])
+    return units
+
+
+def test_prepacked_windows_are_adopted_only_with_the_same_settings(encoded_units, tmp_path):
+    expected_dir, adopted_dir = tmp_path / "expected", tmp_path / "adopted"
+    expected_dir.mkdir()
+    adopted_dir.mkdir()
+    expected = pack.pack_unit_tokens(encoded_units, 16, expected_dir, 400, 2100)
+    packed = tmp_path / "work" / pack.PREPACKED_DIR
+    pack.prepack_units(encoded_units, 16, 400, packed)
+    assert not packed.with_name(packed.name + ".tmp").exists()
+    assert pack.adopt_prepacked(packed, 32, 400, 2100, adopted_dir) is None  # another window length
+    assert pack.adopt_prepacked(packed, 16, 999, 2100, adopted_dir) is None  # another shard size
+    assert not list(adopted_dir.iterdir())
+    assert pack.adopt_prepacked(packed, 16, 400, 2100, adopted_dir) == expected
+    assert len(expected["shards"]) > 1 and expected["num_sequences"] > 0
+    for shard in expected["shards"]:
+        assert (adopted_dir / shard["file"]).read_bytes() == (expected_dir / shard["file"]).read_bytes()
+    assert json.loads((adopted_dir / "manifest.json").read_text()) == expected
+
+
+def test_nothing_is_adopted_from_a_killed_prepack(encoded_units, tmp_path):
+    packed = tmp_path / "work" / pack.PREPACKED_DIR
+    pack.prepack_units(encoded_units, 16, 400, packed)
+    packed.rename(packed.with_name(packed.name + ".tmp"))  # as if killed before the rename
+    assert pack.adopt_prepacked(packed, 16, 400, 2100, tmp_path) is None
+    pack.prepack_units(encoded_units, 16, 400, packed)  # a rerun clears the leftover
+    assert packed.is_dir() and not packed.with_name(packed.name + ".tmp").exists()

@@ -220,6 +220,33 @@ def test_given_tokenizer_encodes_in_the_workers_with_the_same_windows(tmp_path, 
         json.loads((layout.tokens_dir(reference) / "manifest.json").read_text())["dropped_tail_tokens"]
 
 
+def test_windows_packed_during_the_merge_are_adopted_after_a_crash(tmp_path, corpus, reference, monkeypatch):
+    """The docs merge packs the pre-encoded units alongside; a run that dies before the tokens
+    stage leaves them in the work directory, and the rerun's tokens stage takes them as they are."""
+    import numpy as np
+
+    from data_prep import pipeline
+    from data_prep.pack import PREPACKED_DIR, PREPACKED_FILE
+
+    given = TokenizerConfig(path=str(layout.tokenizer_dir(reference)))
+    data = data_config(corpus, tmp_path, num_workers=2)
+
+    def die(*args, **kwargs):
+        raise RuntimeError("killed before the tokenizer stage")
+
+    monkeypatch.setattr(pipeline, "build_tokenizer", die)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_prep(data, given, PACK)
+    monkeypatch.undo()
+    assert (layout.docs_dir(tmp_path) / "_SUCCESS").is_file()
+    assert (layout.docs_work_dir(tmp_path) / PREPACKED_DIR / PREPACKED_FILE).is_file()
+    logs = []
+    run_prep(data, given, PACK, log=logs.append)
+    assert any("packed during the docs merge" in line for line in logs)
+    np.testing.assert_array_equal(read_windows(tmp_path), read_windows(reference))
+    assert not layout.docs_work_dir(tmp_path).exists()
+
+
 def test_repeats_within_a_unit_are_not_encoded_and_windows_stay_the_same(tmp_path, reference):
     """A repeat of an earlier text of its unit is written as EOS alone by the worker (the merge
     drops it): the windows still equal encoding docs/ after the merge."""
