@@ -201,3 +201,17 @@ def test_deepspeed_is_imported_without_mlflow_or_inductor():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={**os.environ, "DS_ACCELERATOR": "cpu"}).stdout.split()
     assert out == ["False", "False", "False", "False", "function", "mlflow"]
+
+
+def test_heap_settle_frees_cyclic_garbage_then_freezes_and_resumes_collection():
+    """A worker starts with automatic collection off (trainer/heap.py): each settle must still
+    free the garbage so far, freeze the rest, and the last one turn collection back on."""
+    script = ("import gc, weakref\n"
+              "from trainer import heap\n"
+              "heap.pause_collection()\n"
+              "class Node: pass\n"
+              "node = Node(); node.me = node; ref = weakref.ref(node); del node\n"
+              "heap.settle(); print(ref() is None, gc.get_freeze_count() > 0, gc.isenabled())\n"
+              "heap.settle(resume_collection=True); print(gc.isenabled())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "False", "True"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from trainer import heap
+
+heap.pause_collection()  # before the imports below: trainer/heap.py says why
+
 import logging
 import sys
 

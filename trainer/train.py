@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from finetune.tasks import load_chat_task, load_task
 from trainer import checkpoint as ckpt
-from trainer import nonfinite, run_health
+from trainer import heap, nonfinite, run_health
 from trainer.causal_lm import CausalLMData
 from trainer.config import TrainConfig, WorkerConfig, get_epoch_steps
 from trainer.data import BatchPlan, SpanCorruptionData
@@ -140,6 +140,7 @@ class Trainer:
         self.flops_per_sample = self.data.flops_per_sample(model.config)
         optimizer = build_optimizer(model, cfg.train, is_offload_optimizer(ds_config))
         scheduler = build_scheduler(optimizer, cfg.train, lambda: self.state.num_steps)
+        heap.settle()  # ZeRO init's own gc.collect then walks only what is new
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -193,6 +194,8 @@ class Trainer:
         self.startup.lap("resume")
         self.log_run_start()
         self.startup.lap("busbw probe")
+        heap.settle(resume_collection=True)  # collection back on for the loop, over the new objects only
+        self.startup.lap("gc")
         log.info("%s", self.startup.summary())
         while self.state.step < self.state.num_steps:
             self.maybe_log(self.train_step())
