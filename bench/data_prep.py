@@ -390,7 +390,7 @@ def print_project_breakdown(results: dict[str, list[dict]]) -> None:
         merge = statistics.median(r["docs_merge_s"] for r in runs)
         rest = statistics.median(r["seconds"] - r["docs_units_s"] - r["docs_merge_s"] for r in runs)
         print(f"{path} breakdown: docs units {units:.2f} s (read, clean, filter, hash, encode), docs merge "
-              f"{merge:.2f} s, tokenizer copy + packing {rest:.2f} s")
+              f"{merge:.2f} s (the tokens are packed alongside), the rest (tokenizer copy, tokens stage) {rest:.2f} s")
 
 
 def print_goals(summary: dict[str, dict], rss: dict[str, dict[int, float]] | None) -> None:

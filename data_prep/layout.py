@@ -20,5 +20,11 @@ def tokens_dir(output_dir: str | Path) -> Path:
 
 
 def docs_work_dir(output_dir: str | Path) -> Path:
-    """Per-unit outputs of the docs stage (kept across interrupted runs, removed once docs/ is complete)."""
+    """Per-unit outputs of the docs stage (kept across interrupted runs, removed once tokens/ is complete)."""
     return Path(output_dir) / "work" / "docs"
+
+
+def keep_file(work_dir: Path) -> Path:
+    """The docs merge's keep mask over every unit's documents, in canonical order (one bool each):
+    the tokens stage packs pre-encoded units with it."""
+    return work_dir / "keep.npy"

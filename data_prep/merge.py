@@ -20,6 +20,7 @@ from data_prep.config import DataConfig
 from data_prep.dedup import NearDuplicateIndex, find_exact_duplicates, load_signatures
 from data_prep.documents import DOCS_SCHEMA
 from data_prep.errors import RejectedShareExceeded
+from data_prep.layout import keep_file
 from data_prep.shards import ShardWriter, write_json
 from data_prep.units import Unit
 
@@ -47,10 +48,9 @@ def get_drop_masks(work_dir: Path, units: list[Unit], stats: list[dict], data: D
     return exact, near
 
 
-def save_keep_masks(work_dir: Path, units: list[Unit], keep: list[np.ndarray]) -> None:
-    """Each unit's keep mask (keep.npy): the tokens stage packs pre-encoded units with it."""
-    for unit, unit_keep in zip(units, keep):
-        np.save(work_dir / unit.name / "keep.npy", unit_keep)
+def save_keep_masks(work_dir: Path, keep: list[np.ndarray]) -> None:
+    """The units' keep masks, one after the other in one file (layout.keep_file)."""
+    np.save(keep_file(work_dir), np.concatenate([np.zeros(0, dtype=bool), *keep]))
 
 
 def write_docs(work_dir: Path, units: list[Unit], keep: list[np.ndarray], out_dir: Path, shard_bytes: int) -> list:
@@ -151,7 +151,7 @@ def merge_units(work_dir: Path, units: list[Unit], formats: dict, data: DataConf
     merge_rejects(work_dir, units, out_dir / "rejects.jsonl")
     check_rejected_share(inputs, data.max_rejected_share)
     keep = [~(e | n) for e, n in zip(exact, near)]
-    save_keep_masks(work_dir, units, keep)
+    save_keep_masks(work_dir, keep)
     with alongside or nullcontext():
         shards = write_docs(work_dir, units, keep, out_dir, data.shard_bytes)
     totals = get_totals(inputs, shards)

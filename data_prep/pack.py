@@ -108,14 +108,23 @@ class WindowPacker:
         self.carry = tokens[num_full * self.pack_length :].copy()
 
 
-def iter_unit_token_chunks(unit_dir: Path, chunk_tokens: int = ENCODE_CHUNK_BYTES // 4) -> Iterator[np.ndarray]:
+def load_unit_keep(keep_path: Path, unit_dirs: list[Path]) -> list[np.ndarray]:
+    """The merge's keep mask (layout.keep_file), cut per unit by its number of encoded documents."""
+    counts = [(unit_dir / "lengths.bin").stat().st_size // 4 for unit_dir in unit_dirs]
+    keep = np.load(keep_path)
+    if len(keep) != sum(counts):
+        raise ValueError(f"{keep_path}: {len(keep)} documents in the keep mask but {sum(counts)} encoded in the units")
+    return np.split(keep, np.cumsum(counts)[:-1])
+
+
+def iter_unit_token_chunks(unit_dir: Path, keep: np.ndarray,
+                           chunk_tokens: int = ENCODE_CHUNK_BYTES // 4) -> Iterator[np.ndarray]:
     """Ids (with EOS) of a pre-encoded unit's kept documents, in order, about `chunk_tokens` at a time.
 
-    The unit's files hold every document that passed its filters; keep.npy (from the merge)
-    drops the duplicates. Read through a memory map in chunks: bounded memory per unit.
+    The unit's files hold every document that passed its filters; `keep` (the merge's mask of
+    the unit) drops the duplicates. Read through a memory map in chunks: bounded memory per unit.
     """
     lengths = np.fromfile(unit_dir / "lengths.bin", dtype=np.int32)
-    keep = np.load(unit_dir / "keep.npy")
     if len(keep) != len(lengths):
         raise ValueError(f"{unit_dir}: {len(lengths)} encoded documents but {len(keep)} in the keep mask")
     if not len(lengths):
@@ -135,21 +144,23 @@ def iter_unit_token_chunks(unit_dir: Path, chunk_tokens: int = ENCODE_CHUNK_BYTE
         first = last
 
 
-def pack_unit_windows(unit_dirs: list[Path], pack_length: int, out_dir: Path, shard_bytes: int) -> dict:
+def pack_unit_windows(unit_dirs: list[Path], keep: list[np.ndarray], pack_length: int, out_dir: Path,
+                      shard_bytes: int) -> dict:
     """The windows of units the docs workers already encoded (the same windows as `pack_tokens`),
     into `out_dir`; returns the counts and shards of the manifest."""
     writer = ShardWriter(out_dir, build_tokens_schema(pack_length), shard_bytes)
     packer = WindowPacker(writer, pack_length)
-    for unit_dir in unit_dirs:
-        for chunk in iter_unit_token_chunks(unit_dir):
+    for unit_dir, unit_keep in zip(unit_dirs, keep):
+        for chunk in iter_unit_token_chunks(unit_dir, unit_keep):
             packer.add(chunk)
     return get_pack_counts(packer, writer, pack_length)
 
 
-def pack_unit_tokens(unit_dirs: list[Path], pack_length: int, out_dir: Path, shard_bytes: int,
+def pack_unit_tokens(unit_dirs: list[Path], keep: list[np.ndarray], pack_length: int, out_dir: Path, shard_bytes: int,
                      vocab_size: int) -> dict:
     """Like `pack_tokens`, from units the docs workers already encoded: the same windows."""
-    return write_tokens_manifest(pack_unit_windows(unit_dirs, pack_length, out_dir, shard_bytes), vocab_size, out_dir)
+    counts = pack_unit_windows(unit_dirs, keep, pack_length, out_dir, shard_bytes)
+    return write_tokens_manifest(counts, vocab_size, out_dir)
 
 
 # Units packed ahead of the tokens stage, while the docs merge writes its shards (pipeline.py):
@@ -158,14 +169,15 @@ PREPACKED_DIR = "packed"
 PREPACKED_FILE = "packed.json"
 
 
-def prepack_units(unit_dirs: list[Path], pack_length: int, shard_bytes: int, out_dir: Path) -> None:
+def prepack_units(unit_dirs: list[Path], keep: list[np.ndarray], pack_length: int, shard_bytes: int,
+                  out_dir: Path) -> None:
     """`pack_unit_windows` into `out_dir`, for the tokens stage to adopt (`adopt_prepacked`).
     Built in a .tmp directory and renamed when complete: a killed run leaves nothing to adopt."""
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     for stale in (tmp_dir, out_dir):
         shutil.rmtree(stale, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    counts = pack_unit_windows(unit_dirs, pack_length, tmp_dir, shard_bytes)
+    counts = pack_unit_windows(unit_dirs, keep, pack_length, tmp_dir, shard_bytes)
     write_json(tmp_dir / PREPACKED_FILE, {**counts, "shard_bytes": shard_bytes})
     tmp_dir.rename(out_dir)
 

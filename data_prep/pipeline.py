@@ -21,7 +21,8 @@ from data_prep.config import DataConfig, TokenizerConfig
 from data_prep.errors import UnreadableInputs
 from data_prep.executor import TaskShare, prepare_work_dir, run_units
 from data_prep.merge import merge_units
-from data_prep.pack import PREPACKED_DIR, adopt_prepacked, pack_tokens, pack_unit_tokens, prepack_units
+from data_prep.pack import (PREPACKED_DIR, adopt_prepacked, load_unit_keep, pack_tokens, pack_unit_tokens,
+                            prepack_units)
 from data_prep.shards import write_json
 from data_prep.tokenizer import SPIECE_FILE, TokenizerCheck, build_tokenizer
 from data_prep.units import Plan, get_plan_params, plan_units
@@ -116,11 +117,11 @@ def run_docs_task(data: DataConfig, share: TaskShare, log, spiece: Path | None) 
 
 def list_encoded_units(work_dir: Path) -> list[Path]:
     """The unit directories, if the docs workers encoded every unit and the merge saved its
-    keep masks; else []."""
-    unit_dirs = sorted(p for p in work_dir.glob("u-*") if p.is_dir() and "." not in p.name) if work_dir.is_dir() else []
-    if unit_dirs and all((d / "tokens.bin").is_file() and (d / "keep.npy").is_file() for d in unit_dirs):
-        return unit_dirs
-    return []
+    keep mask; else []."""
+    if not layout.keep_file(work_dir).is_file():
+        return []
+    unit_dirs = sorted(p for p in work_dir.glob("u-*") if p.is_dir() and "." not in p.name)
+    return unit_dirs if unit_dirs and all((d / "tokens.bin").is_file() for d in unit_dirs) else []
 
 
 @contextlib.contextmanager
@@ -131,8 +132,9 @@ def packing_alongside(work_dir: Path, pack_length: int, shard_bytes: int):
     if not unit_dirs:
         yield
         return
+    keep = load_unit_keep(layout.keep_file(work_dir), unit_dirs)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-        packed = pool.submit(prepack_units, unit_dirs, pack_length, shard_bytes, work_dir / PREPACKED_DIR)
+        packed = pool.submit(prepack_units, unit_dirs, keep, pack_length, shard_bytes, work_dir / PREPACKED_DIR)
         yield
         packed.result()  # raises what the packing raised
 
@@ -148,7 +150,8 @@ def build_tokens(data: DataConfig, work_dir: Path, docs_dir: Path, spiece: Path,
     unit_dirs = list_encoded_units(work_dir)
     if unit_dirs:
         log(f"tokens: packing {len(unit_dirs)} pre-encoded unit(s)")
-        return pack_unit_tokens(unit_dirs, pack_length, out_dir, data.shard_bytes, tok["vocab_size"])
+        keep = load_unit_keep(layout.keep_file(work_dir), unit_dirs)
+        return pack_unit_tokens(unit_dirs, keep, pack_length, out_dir, data.shard_bytes, tok["vocab_size"])
     return pack_tokens(docs_dir, spiece, pack_length, out_dir, data.shard_bytes, tok["vocab_size"])
 
 

@@ -701,12 +701,24 @@ def json_line_docs(split: Split, lines: LineStream, parse: JsonParser, until: in
     return False
 
 
+# How far a block reads past its split's end: far enough for the split's last record, as a
+# rule, without reading (and scanning) most of a block of the next split's lines for nothing.
+BLOCK_SLACK_BYTES = 256 * 2**10
+
+
+def get_block_bytes(split: Split, offset: int) -> int:
+    """BLOCK_BYTES, or near the split's end what is left of it plus BLOCK_SLACK_BYTES."""
+    if split.end is None:
+        return BLOCK_BYTES
+    return max(1, min(BLOCK_BYTES, split.end - offset + BLOCK_SLACK_BYTES))
+
+
 def json_block_docs(split: Split, lines: LineStream, parse: JsonParser,
                     blocks: BlockParser) -> Iterator[RawDoc | Reject | DocBatch]:
     """Blocks of lines through Arrow's JSON reader; a block it cannot vouch for goes line by line."""
     while True:
         try:
-            block = lines.read_block(BLOCK_BYTES)
+            block = lines.read_block(get_block_bytes(split, lines.offset))
         except STREAM_ERRORS as e:
             lines.error = e
             return

@@ -76,12 +76,15 @@ def test_a_text_field_named_like_a_document_field_is_read_per_line(tmp_path, mon
     assert_same_as_per_line(monkeypatch, path, text_field="title")
 
 
+@pytest.mark.parametrize("slack_bytes", [1, 40, 2**18])
 @pytest.mark.parametrize("block_bytes", [16, 64, 100, 1000])
 @pytest.mark.parametrize("unit_bytes", [1, 50, 333, 10**6])
-def test_any_split_and_block_size_reads_the_same(tmp_path, monkeypatch, block_bytes, unit_bytes):
+def test_any_split_and_block_size_reads_the_same(tmp_path, monkeypatch, block_bytes, unit_bytes, slack_bytes):
     """Blocks cut mid-line, lines longer than a block, splits starting mid-line, over-long lines,
-    a last line without its newline: the items equal the per-line reader's, split by split."""
+    a last line without its newline, blocks cut short near a split's end: the items equal the
+    per-line reader's, split by split."""
     monkeypatch.setattr(readers, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(readers, "BLOCK_SLACK_BYTES", slack_bytes)
     path = tmp_path / "c.jsonl"
     lines = [g.encode() for g in GOOD] * 3 + [line.encode() for line in TRICKY[:12]] + BAD_BYTES
     lines.insert(5, b'{"text": "' + "長".encode() * 400 + b'"}')  # over max_line_bytes below

@@ -210,33 +210,43 @@ def test_unknown_sample_source_lists_the_available_ones(two_sources):
 # --- units packed during the docs merge (pipeline.packing_alongside) -------------------
 
 
-def write_encoded_unit(unit_dir: Path, docs: list[list[int]], keep: list[bool]) -> None:
-    """A unit as a docs worker leaves it with a tokenizer (ids + EOS per document), plus its keep mask."""
+def write_encoded_unit(unit_dir: Path, docs: list[list[int]]) -> None:
+    """A unit as a docs worker leaves it with a tokenizer: ids + EOS per document, and their lengths."""
     unit_dir.mkdir(parents=True)
     ids = [np.array([*doc, EOS_ID], dtype=np.int32) for doc in docs]
     np.concatenate([np.zeros(0, dtype=np.int32), *ids]).tofile(unit_dir / "tokens.bin")
     np.array([len(i) for i in ids], dtype=np.int32).tofile(unit_dir / "lengths.bin")
-    np.save(unit_dir / "keep.npy", np.array(keep))
 
 
 @pytest.fixture
-def encoded_units(tmp_path) -> list[Path]:
+def encoded_units(tmp_path) -> tuple[list[Path], list[np.ndarray]]:
+    """Three units (one empty) and the merge's keep masks of them."""
     rng = np.random.default_rng(0)
-    units = []
+    units, keep = [], []
     for u, num_docs in enumerate((5, 0, 8)):
-        docs = [rng.integers(3, 1000, rng.integers(0, 40)).tolist() for _ in range(num_docs)]
         units.append(tmp_path / f"u-{u:06d}")
-        write_encoded_unit(units[-1], docs, [d % 3 != 1 for d in range(num_docs)])
-    return units
+        write_encoded_unit(units[-1], [rng.integers(3, 1000, rng.integers(0, 40)).tolist() for _ in range(num_docs)])
+        keep.append(np.array([d % 3 != 1 for d in range(num_docs)], dtype=bool))
+    return units, keep
+
+
+def test_the_keep_file_is_cut_per_unit(encoded_units, tmp_path):
+    units, keep = encoded_units
+    np.save(tmp_path / "keep.npy", np.concatenate(keep))
+    assert [k.tolist() for k in pack.load_unit_keep(tmp_path / "keep.npy", units)] == [k.tolist() for k in keep]
+    np.save(tmp_path / "short.npy", np.concatenate(keep)[:-1])
+    with pytest.raises(ValueError, match="12 documents in the keep mask but 13 encoded"):
+        pack.load_unit_keep(tmp_path / "short.npy", units)
 
 
 def test_prepacked_windows_are_adopted_only_with_the_same_settings(encoded_units, tmp_path):
+    units, keep = encoded_units
     expected_dir, adopted_dir = tmp_path / "expected", tmp_path / "adopted"
     expected_dir.mkdir()
     adopted_dir.mkdir()
-    expected = pack.pack_unit_tokens(encoded_units, 16, expected_dir, 400, 2100)
+    expected = pack.pack_unit_tokens(units, keep, 16, expected_dir, 400, 2100)
     packed = tmp_path / "work" / pack.PREPACKED_DIR
-    pack.prepack_units(encoded_units, 16, 400, packed)
+    pack.prepack_units(units, keep, 16, 400, packed)
     assert not packed.with_name(packed.name + ".tmp").exists()
     assert pack.adopt_prepacked(packed, 32, 400, 2100, adopted_dir) is None  # another window length
     assert pack.adopt_prepacked(packed, 16, 999, 2100, adopted_dir) is None  # another shard size
@@ -250,8 +260,8 @@ def test_prepacked_windows_are_adopted_only_with_the_same_settings(encoded_units
 
 def test_nothing_is_adopted_from_a_killed_prepack(encoded_units, tmp_path):
     packed = tmp_path / "work" / pack.PREPACKED_DIR
-    pack.prepack_units(encoded_units, 16, 400, packed)
+    pack.prepack_units(*encoded_units, 16, 400, packed)
     packed.rename(packed.with_name(packed.name + ".tmp"))  # as if killed before the rename
     assert pack.adopt_prepacked(packed, 16, 400, 2100, tmp_path) is None
-    pack.prepack_units(encoded_units, 16, 400, packed)  # a rerun clears the leftover
+    pack.prepack_units(*encoded_units, 16, 400, packed)  # a rerun clears the leftover
     assert packed.is_dir() and not packed.with_name(packed.name + ".tmp").exists()

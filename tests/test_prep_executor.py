@@ -220,9 +220,11 @@ def test_given_tokenizer_encodes_in_the_workers_with_the_same_windows(tmp_path, 
         json.loads((layout.tokens_dir(reference) / "manifest.json").read_text())["dropped_tail_tokens"]
 
 
-def test_windows_packed_during_the_merge_are_adopted_after_a_crash(tmp_path, corpus, reference, monkeypatch):
+@pytest.mark.parametrize("packed", ["done", "killed"])
+def test_windows_packed_during_the_merge_are_adopted_after_a_crash(tmp_path, corpus, reference, monkeypatch, packed):
     """The docs merge packs the pre-encoded units alongside; a run that dies before the tokens
-    stage leaves them in the work directory, and the rerun's tokens stage takes them as they are."""
+    stage leaves them in the work directory, and the rerun's tokens stage takes them as they are;
+    if the packing itself was killed, the tokens stage packs the units."""
     import numpy as np
 
     from data_prep import pipeline
@@ -239,10 +241,14 @@ def test_windows_packed_during_the_merge_are_adopted_after_a_crash(tmp_path, cor
         run_prep(data, given, PACK)
     monkeypatch.undo()
     assert (layout.docs_dir(tmp_path) / "_SUCCESS").is_file()
-    assert (layout.docs_work_dir(tmp_path) / PREPACKED_DIR / PREPACKED_FILE).is_file()
+    packed_dir = layout.docs_work_dir(tmp_path) / PREPACKED_DIR
+    assert (packed_dir / PREPACKED_FILE).is_file()
+    if packed == "killed":  # before its rename: only packed.tmp/ is left
+        packed_dir.rename(packed_dir.with_name(packed_dir.name + ".tmp"))
     logs = []
     run_prep(data, given, PACK, log=logs.append)
-    assert any("packed during the docs merge" in line for line in logs)
+    expected_log = "packed during the docs merge" if packed == "done" else "pre-encoded unit(s)"
+    assert any(expected_log in line for line in logs), logs
     np.testing.assert_array_equal(read_windows(tmp_path), read_windows(reference))
     assert not layout.docs_work_dir(tmp_path).exists()
 
