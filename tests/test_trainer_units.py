@@ -215,3 +215,17 @@ def test_heap_settle_frees_cyclic_garbage_then_freezes_and_resumes_collection():
               "heap.settle(resume_collection=True); print(gc.isenabled())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True", "False", "True"]
+
+
+def test_collection_paused_turns_collection_back_on_even_after_an_error():
+    script = ("import gc\n"
+              "from trainer import heap\n"
+              "try:\n"
+              "    with heap.collection_paused():\n"
+              "        print(gc.isenabled())\n"
+              "        raise ImportError('a command failing on an import')\n"
+              "except ImportError:\n"
+              "    pass\n"
+              "print(gc.isenabled(), gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]

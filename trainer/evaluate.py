@@ -36,6 +36,7 @@ from finetune.chat import build_chat_prompt, generate_answers, is_answer_correct
 from finetune.seq2seq import generate_predictions, write_predictions
 from finetune.serving import is_failed, pass_at_1, read_ratings_csv, summarize_ratings, summarize_requests
 from finetune.tasks import CorrectPredicate, load_chat_task, load_task
+from trainer import heap
 from trainer.causal_lm import CausalLMConfig, get_loss_metrics, get_loss_sum, tokenize_windows
 from trainer.metrics import MLflowConfig, get_experiment_id, is_transient, limit_http_retries
 from trainer.model import ModelConfig, get_model_class
@@ -297,12 +298,13 @@ def run_eval(opts: EvalOptions, model_cfg: ModelConfig, objective, task_cfg, run
     from data_prep.tokenizer import load_tokenizer
 
     ratings = read_ratings(opts.ratings) if opts.ratings else None
-    tokenizer = load_tokenizer(opts.model)
-    evaluator = build_evaluator(opts, objective, task_cfg, tokenizer)
-    rating_metrics = get_rating_metrics(ratings, evaluator.request_ids) if ratings is not None else {}
-    device = get_device()
-    log.info("loading %s on %s", opts.model, device)
-    model = load_model(model_cfg, opts.model, device)
+    with heap.collection_paused():  # transformers, the tokenizer, the model: all loading (trainer/heap.py)
+        tokenizer = load_tokenizer(opts.model)
+        evaluator = build_evaluator(opts, objective, task_cfg, tokenizer)
+        rating_metrics = get_rating_metrics(ratings, evaluator.request_ids) if ratings is not None else {}
+        device = get_device()
+        log.info("loading %s on %s", opts.model, device)
+        model = load_model(model_cfg, opts.model, device)
     log.info("scoring %d %s request(s) in batches of %d", len(evaluator.examples), opts.split, opts.batch_size)
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

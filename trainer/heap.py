@@ -1,4 +1,4 @@
-"""A worker's garbage collector during its start-up.
+"""A process's garbage collector during its start-up (a rank's, or a `t5ja` command's).
 
 A rank's start-up creates ~600k objects that live as long as the process: the modules,
 classes and functions of torch, DeepSpeed, transformers and MLflow, then the model and the
@@ -13,6 +13,7 @@ for the loop. The start-up's cyclic garbage is still freed, by the collect of ea
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 
@@ -26,3 +27,15 @@ def settle(resume_collection: bool = False) -> None:
     gc.freeze()
     if resume_collection:
         gc.enable()
+
+
+@contextlib.contextmanager
+def collection_paused():
+    """No automatic collection inside (a command's torch/transformers/DeepSpeed imports: the
+    same ~2 s of CPU of passes over module objects that live on), then `settle` with collection
+    back on."""
+    pause_collection()
+    try:
+        yield
+    finally:
+        settle(resume_collection=True)
