@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -138,12 +139,13 @@ def check_rejected_share(inputs: list[dict], max_share: float) -> None:
 
 
 def merge_units(work_dir: Path, units: list[Unit], formats: dict, data: DataConfig, out_dir: Path,
-                units_wall_s: float, alongside: AbstractContextManager | None = None) -> dict:
+                units_wall_s: float,
+                alongside: Callable[[list[Path], list[np.ndarray]], AbstractContextManager] | None = None) -> dict:
     """Build the final docs/ contents in `out_dir` from finished units; returns the manifest.
 
-    `alongside` is entered once the keep masks are saved and exited when the shards are
-    written: work that needs the masks, run in another process meanwhile (pipeline.py packs
-    the pre-encoded tokens)."""
+    `alongside(unit_dirs, keep_masks)` is entered once the keep masks are known and saved, and
+    exited when the shards are written: work that needs the masks, run in another process
+    meanwhile (pipeline.py packs the pre-encoded tokens)."""
     start = time.perf_counter()
     stats = load_unit_stats(work_dir, units)
     exact, near = get_drop_masks(work_dir, units, stats, data)
@@ -152,7 +154,7 @@ def merge_units(work_dir: Path, units: list[Unit], formats: dict, data: DataConf
     check_rejected_share(inputs, data.max_rejected_share)
     keep = [~(e | n) for e, n in zip(exact, near)]
     save_keep_masks(work_dir, keep)
-    with alongside or nullcontext():
+    with alongside([work_dir / unit.name for unit in units], keep) if alongside else nullcontext():
         shards = write_docs(work_dir, units, keep, out_dir, data.shard_bytes)
     totals = get_totals(inputs, shards)
     merge_s = time.perf_counter() - start

@@ -8,6 +8,7 @@ matches the current parameters. A rebuilt stage forces every later stage to rebu
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import shutil
@@ -15,6 +16,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 from data_prep import layout
 from data_prep.config import DataConfig, TokenizerConfig
@@ -99,8 +102,8 @@ def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log, spiece: Path | 
     units_s = run_docs_units(data, plan, TaskShare(), log, spiece, while_waiting)
     work_dir = layout.docs_work_dir(data.output_dir)
     shutil.rmtree(work_dir / PREPACKED_DIR, ignore_errors=True)  # packed from an earlier merge's masks
-    packing = packing_alongside(work_dir, pack_length, data.shard_bytes) if pack_length else None
-    manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s, packing)
+    packing = functools.partial(packing_alongside, work_dir / PREPACKED_DIR, pack_length, data.shard_bytes)
+    manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s, packing if pack_length else None)
     for entry in manifest["inputs"]:
         log(f"docs: input {entry['input']} {entry['path']}: {entry['num_docs_out']} of {entry['num_docs_in']} kept")
     return manifest
@@ -115,26 +118,30 @@ def run_docs_task(data: DataConfig, share: TaskShare, log, spiece: Path | None) 
     return {"task": share.index, "num_tasks": share.count, "units": len(owned)}
 
 
+def are_encoded(unit_dirs: list[Path]) -> bool:
+    """Whether the docs workers encoded every unit (with tokenizer.path)."""
+    return bool(unit_dirs) and all((d / "tokens.bin").is_file() for d in unit_dirs)
+
+
 def list_encoded_units(work_dir: Path) -> list[Path]:
     """The unit directories, if the docs workers encoded every unit and the merge saved its
     keep mask; else []."""
     if not layout.keep_file(work_dir).is_file():
         return []
     unit_dirs = sorted(p for p in work_dir.glob("u-*") if p.is_dir() and "." not in p.name)
-    return unit_dirs if unit_dirs and all((d / "tokens.bin").is_file() for d in unit_dirs) else []
+    return unit_dirs if are_encoded(unit_dirs) else []
 
 
 @contextlib.contextmanager
-def packing_alongside(work_dir: Path, pack_length: int, shard_bytes: int):
+def packing_alongside(packed_dir: Path, pack_length: int, shard_bytes: int, unit_dirs: list[Path],
+                      keep: list[np.ndarray]):
     """Packs the pre-encoded units in a forked process while the docs merge writes its shards:
     both need only the keep masks, and the merge's copy and the packing each take one core."""
-    unit_dirs = list_encoded_units(work_dir)
-    if not unit_dirs:
+    if not are_encoded(unit_dirs):
         yield
         return
-    keep = load_unit_keep(layout.keep_file(work_dir), unit_dirs)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-        packed = pool.submit(prepack_units, unit_dirs, keep, pack_length, shard_bytes, work_dir / PREPACKED_DIR)
+        packed = pool.submit(prepack_units, unit_dirs, keep, pack_length, shard_bytes, packed_dir)
         yield
         packed.result()  # raises what the packing raised
 

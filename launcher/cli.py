@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from launcher.job import ConfigError, check_launchable, check_preppable, load_job
-from trainer import heap
 from trainer.preemption import EXIT_PREEMPTED
 
 EXIT_CONFIG = 2
@@ -257,8 +256,7 @@ def cmd_export(args) -> int:
         print(f"error: {run_dir}: not a run directory (no config.json)", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        with heap.collection_paused():  # torch, transformers, the model: all loading (trainer/heap.py)
-            out = export_run(run_dir, args.step, Path(args.out) if args.out else None)
+        out = export_run(run_dir, args.step, Path(args.out) if args.out else None)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG

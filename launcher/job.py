@@ -19,6 +19,7 @@ from launcher.config import JobConfig
 from launcher.ds_config import BatchSizes, get_ds_config_problems, read_ds_config, resolve_ds_config_path
 from finetune.tasks import OBJECTIVE_TASKS, TASK_FILE_KEYS, get_task_objective_problems, get_task_path_problems
 from trainer.model import get_causal_lm_presets, get_init_from_problems, get_model_problems, is_causal_lm
+from trainer.config import describe_pydantic_error
 
 Problem = tuple[str, str]  # (yaml path, what is wrong and what was expected)
 
@@ -93,17 +94,8 @@ def _yaml_loc(loc: tuple) -> tuple:
 
 
 def pydantic_problems(err: ValidationError, prefix: str = "") -> list[Problem]:
-    problems = []
-    for e in err.errors():
-        path = format_loc(((prefix,) if prefix else ()) + _yaml_loc(tuple(e["loc"])))
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            msg = f"{e['msg']} (got {e.get('input')!r})"
-        problems.append((path, msg))
-    return problems
+    head = (prefix,) if prefix else ()
+    return [(format_loc(head + _yaml_loc(tuple(e["loc"]))), describe_pydantic_error(e)) for e in err.errors()]
 
 
 def _valid_sections(raw: dict) -> dict[str, BaseModel]:

@@ -213,7 +213,7 @@ def test_given_tokenizer_encodes_in_the_workers_with_the_same_windows(tmp_path, 
     given = TokenizerConfig(path=str(layout.tokenizer_dir(reference)))
     logs = []
     run_prep(data_config(corpus, tmp_path, num_workers=2), given, PACK, log=logs.append)
-    assert any("pre-encoded unit" in line for line in logs)
+    assert any("pre-encoded units, packed during the docs merge" in line for line in logs)  # pipeline.packing_alongside
     assert read_docs(tmp_path) == read_docs(reference)
     np.testing.assert_array_equal(read_windows(tmp_path), read_windows(reference))
     assert json.loads((layout.tokens_dir(tmp_path) / "manifest.json").read_text())["dropped_tail_tokens"] == \

@@ -58,6 +58,16 @@ TaskConfig = Annotated[
 DEFAULT_STEPS = 1000  # train.steps when neither it nor train.epochs is given
 
 
+def describe_pydantic_error(error: dict) -> str:
+    """What was wrong, for a person, of one of pydantic's `ValidationError.errors()` (the job
+    file's problems, `t5ja eval`'s options)."""
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "required key is missing"
+    return f"{error['msg']} (got {error.get('input')!r})"
+
+
 class EvalConfig(BaseModel):
     """After the last step: seq2seq generates, scored by the task; causal_lm its loss. And `t5ja eval`'s defaults."""
 

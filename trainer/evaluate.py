@@ -77,6 +77,7 @@ def build_eval_options(objective, eval_cfg, run_dir: Path, given: dict) -> tuple
     are None when the values do not validate."""
     from pydantic import ValidationError
 
+    from trainer.config import describe_pydantic_error
     from trainer.model import get_init_from_problems
 
     if objective.name not in EVALUATORS:
@@ -90,9 +91,8 @@ def build_eval_options(objective, eval_cfg, run_dir: Path, given: dict) -> tuple
               "limit": given["limit"], "ratings": str(Path(given["ratings"]).resolve()) if given["ratings"] else None}
     try:
         opts = EvalOptions(**values)
-    except ValidationError as err:  # every key is given: only bad values, named by their option
-        return None, [(f"--{str(e['loc'][0]).replace('_', '-')}", f"{e['msg']} (got {e.get('input')!r})")
-                      for e in err.errors()]
+    except ValidationError as err:  # named by their command-line option
+        return None, [(f"--{str(e['loc'][0]).replace('_', '-')}", describe_pydantic_error(e)) for e in err.errors()]
     problems = get_init_from_problems(opts.model, "--model")
     if problems and not given["model"]:
         problems = [(key, f"{msg}: `t5ja train` writes RUN_DIR/export at the end of training (`t5ja export "

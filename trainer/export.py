@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer import checkpoint as ckpt
+from trainer import heap
 from trainer.config import load_worker_config
 from trainer.model import build_model
 
@@ -29,9 +30,10 @@ def export_run(run_dir: Path, step: int | None = None, out_dir: Path | None = No
     cfg = load_worker_config(run_dir / "config.json")
     tag = choose_tag(run_dir, step, cfg.checkpoint.verify)
     tokenizer_dir = Path(cfg.run.tokenizer_dir)
-    from transformers import AutoTokenizer
-
-    model = build_model(cfg.model, len(AutoTokenizer.from_pretrained(tokenizer_dir)))
     out_dir = out_dir or run_dir / "export"
-    ckpt.export_hf(model, ckpt.consolidated_state_dict(run_dir, tag), tokenizer_dir, out_dir)
+    with heap.collection_paused():  # transformers, the model, the checkpoint: all loading (trainer/heap.py)
+        from transformers import AutoTokenizer
+
+        model = build_model(cfg.model, len(AutoTokenizer.from_pretrained(tokenizer_dir)))
+        ckpt.export_hf(model, ckpt.consolidated_state_dict(run_dir, tag), tokenizer_dir, out_dir)
     return out_dir
