@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,26 @@ def run_t5ja(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The directory `build(out)` fills, built once per pytest session rather than once per
+    xdist worker: the first worker to ask builds it under a file lock while the others wait,
+    then all read it. The reference runs alone took 7 trainings of 65-150 s in `make test`,
+    where 2 do (session fixtures are per worker, and pytest sets a parametrized one up again
+    each time its parameter changes). Only for what tests read and never write."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's popen-gwN
+    out, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that failed building it
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def neko_data(tmp_path_factory) -> Path:
     """data prep of the bundled sample: docs, a 4000-piece tokenizer, 141-token windows."""
@@ -45,11 +67,12 @@ def neko_data(tmp_path_factory) -> Path:
     from data_prep.pipeline import run_prep
     from trainer.span_corruption import SpanCorruptionConfig
 
-    out = tmp_path_factory.mktemp("neko-data")
-    pack_length = SpanCorruptionConfig(input_length=INPUT_LENGTH).expanded_length
-    run_prep(DataConfig(inputs=[{"path": str(NEKO)}], output_dir=str(out)),
-             TokenizerConfig(vocab_size=4000, sample_sentences=100_000), pack_length=pack_length)
-    return out
+    def build(out: Path) -> None:
+        pack_length = SpanCorruptionConfig(input_length=INPUT_LENGTH).expanded_length
+        run_prep(DataConfig(inputs=[{"path": str(NEKO)}], output_dir=str(out)),
+                 TokenizerConfig(vocab_size=4000, sample_sentences=100_000), pack_length=pack_length)
+
+    return built_once(tmp_path_factory, "neko-data", build)
 
 
 @pytest.fixture(scope="session")
@@ -61,15 +84,16 @@ def tiny_data(tmp_path_factory, neko_data) -> Path:
     from data_prep.pipeline import run_prep
     from trainer.span_corruption import SpanCorruptionConfig
 
-    out = tmp_path_factory.mktemp("tiny-data")
-    text = out / "tiny.txt"
-    lines = NEKO.read_text(encoding="utf-8").splitlines()
-    text.write_text("\n".join(lines[:128]) + "\n", encoding="utf-8")
-    pack_length = SpanCorruptionConfig(input_length=INPUT_LENGTH).expanded_length
-    summary = run_prep(DataConfig(inputs=[{"path": str(text)}], output_dir=str(out / "data")),
-                       TokenizerConfig(path=str(layout.tokenizer_dir(neko_data))), pack_length=pack_length)
-    assert 16 <= summary["tokens"]["num_sequences"] <= 18
-    return out / "data"
+    def build(out: Path) -> None:
+        text = out / "tiny.txt"
+        lines = NEKO.read_text(encoding="utf-8").splitlines()
+        text.write_text("\n".join(lines[:128]) + "\n", encoding="utf-8")
+        pack_length = SpanCorruptionConfig(input_length=INPUT_LENGTH).expanded_length
+        summary = run_prep(DataConfig(inputs=[{"path": str(text)}], output_dir=str(out / "data")),
+                           TokenizerConfig(path=str(layout.tokenizer_dir(neko_data))), pack_length=pack_length)
+        assert 16 <= summary["tokens"]["num_sequences"] <= 18
+
+    return built_once(tmp_path_factory, "tiny-data", build) / "data"
 
 
 REFERENCE_STEPS = 40
@@ -95,10 +119,11 @@ def mlflow_db(tmp_path_factory) -> Path:
     quickstart test still has its run create the store)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    root = tmp_path_factory.mktemp("mlflow-db")
-    store = SqlAlchemyStore(f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri())
-    store.engine.dispose()  # the file complete and closed before it is copied
-    return root / "mlflow.db"
+    def build(root: Path) -> None:
+        store = SqlAlchemyStore(f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri())
+        store.engine.dispose()  # the file complete and closed before it is copied
+
+    return built_once(tmp_path_factory, "mlflow-db", build) / "mlflow.db"
 
 
 def seed_mlflow_db(template: Path, out: Path) -> None:
@@ -111,11 +136,14 @@ def seed_mlflow_db(template: Path, out: Path) -> None:
 def reference_run(request, tmp_path_factory, tiny_data, mlflow_db):
     """One uninterrupted run per ZeRO stage on the ~16-window data set (every step sees the
     same samples): the overfit, layout, export and MLflow tests read it, and the resume tests
-    compare their interrupted runs with it. Returns (stage, output dir, run dir)."""
-    out = tmp_path_factory.mktemp(f"reference-{request.param}")
-    seed_mlflow_db(mlflow_db, out)
-    result = run_t5ja(*train_args(out, tiny_data, request.param))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    compare their interrupted runs with it; none writes into it. Returns (stage, output dir,
+    run dir)."""
+    def build(out: Path) -> None:
+        seed_mlflow_db(mlflow_db, out)
+        result = run_t5ja(*train_args(out, tiny_data, request.param))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    out = built_once(tmp_path_factory, f"reference-{request.param}", build)
     return request.param, out, out / "run"
 
 
