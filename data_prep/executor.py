@@ -16,7 +16,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from data_prep.config import DataConfig
 from data_prep.units import Unit, get_params_digest, get_plan_params, units_to_json
@@ -81,17 +80,14 @@ def get_num_workers(data: DataConfig) -> int:
 
 
 def run_units(units: list[Unit], data: DataConfig, work_dir: Path, share: TaskShare, log,
-              spiece_path: Path | None = None, while_waiting: Callable[[], None] | None = None) -> list[dict]:
-    """Run this task's unfinished units; returns their errors (unreadable inputs), if any.
-
-    `while_waiting` runs in this process once worker processes have the units, instead of
-    idling: work of a later stage that does not need the units' results."""
+              spiece_path: Path | None = None) -> list[dict]:
+    """Run this task's unfinished units; returns their errors (unreadable inputs), if any."""
     pending = [u for u in units if share.owns(u) and not is_done(work_dir, u)]
     done_before = sum(1 for u in units if share.owns(u)) - len(pending)
     log(f"docs: {len(pending)} unit(s) to run, {done_before} already done, {get_num_workers(data)} worker(s)")
     progress = Progress(len(pending), log)
     errors = []
-    for result in _iter_results(pending, data, work_dir, spiece_path, while_waiting):
+    for result in _iter_results(pending, data, work_dir, spiece_path):
         if "error" in result:
             errors.append(result)
             log(f"docs: unit {result['unit']} failed: {result['error']}")
@@ -100,8 +96,7 @@ def run_units(units: list[Unit], data: DataConfig, work_dir: Path, share: TaskSh
     return errors
 
 
-def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_path: Path | None,
-                  while_waiting: Callable[[], None] | None):
+def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_path: Path | None):
     if not pending:  # all done already: no worker (nor its tokenizer) to set up
         return
     # Built here, before the fork: the workers share its SentencePiece model instead of each
@@ -116,8 +111,6 @@ def _iter_results(pending: list[Unit], data: DataConfig, work_dir: Path, spiece_
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_child_process) as pool:
         futures = [pool.submit(run_unit, unit, str(work_dir)) for unit in pending]
-        if while_waiting is not None:  # the workers are forked by now: no thread or lock of it is copied
-            while_waiting()
         for future in as_completed(futures):
             yield future.result()
 

@@ -80,13 +80,12 @@ def get_given_spiece(tokenizer: TokenizerConfig) -> Path | None:
     return path
 
 
-def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log, spiece: Path | None,
-                   while_waiting: Callable[[], None] | None = None) -> float:
+def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log, spiece: Path | None) -> float:
     """Run this task's share of the units; raise if an input could not be read. Returns wall seconds."""
     start = time.perf_counter()
     work_dir = layout.docs_work_dir(data.output_dir)
     prepare_work_dir(work_dir, data, plan.units, share, log, spiece)
-    errors = run_units(plan.units, data, work_dir, share, log, spiece, while_waiting)
+    errors = run_units(plan.units, data, work_dir, share, log, spiece)
     problems = [f"input {i} {path}: {why}" for i, path, why in plan.unreadable]
     problems += [f"input {e['input']} (unit {e['unit']}): {e['error']}" for e in errors]
     if problems:
@@ -96,10 +95,10 @@ def run_docs_units(data: DataConfig, plan: Plan, share: TaskShare, log, spiece: 
 
 
 def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log, spiece: Path | None = None,
-               while_waiting: Callable[[], None] | None = None, pack_length: int | None = None) -> dict:
+               pack_length: int | None = None) -> dict:
     """All units (resuming finished ones), then the merge into `out_dir`. With `pack_length`,
     pre-encoded units are packed for the tokens stage while the merge writes the docs shards."""
-    units_s = run_docs_units(data, plan, TaskShare(), log, spiece, while_waiting)
+    units_s = run_docs_units(data, plan, TaskShare(), log, spiece)
     work_dir = layout.docs_work_dir(data.output_dir)
     shutil.rmtree(work_dir / PREPACKED_DIR, ignore_errors=True)  # packed from an earlier merge's masks
     packing = functools.partial(packing_alongside, work_dir / PREPACKED_DIR, pack_length, data.shard_bytes)
@@ -181,16 +180,16 @@ def run_prep(data: DataConfig, tokenizer: TokenizerConfig, pack_length: int, log
         return run_docs_task(data, share, log, spiece)
     docs_dir, tok_dir = layout.docs_dir(data.output_dir), layout.tokenizer_dir(data.output_dir)
     work_dir = layout.docs_work_dir(data.output_dir)
-    # A given tokenizer is checked while the docs workers run, not after them.
-    check = TokenizerCheck(spiece.parent) if spiece is not None else None
+    # A given tokenizer is checked while the docs stage runs, not after it.
+    check = TokenizerCheck(spiece.parent).start() if spiece is not None else None
     docs, docs_skipped = run_stage(
         docs_dir, get_docs_params(data, spiece),
-        lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece, check.run if check else None, pack_length),
+        lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece, pack_length),
         False, log,
     )
     tok, tok_skipped = run_stage(
         tok_dir, tokenizer.model_dump(),
-        lambda tmp: build_tokenizer(docs_dir, tokenizer, tmp, log, check.result if check else None),
+        lambda tmp: build_tokenizer(docs_dir, tokenizer, tmp, log, check.result() if check else None),
         not docs_skipped, log,
     )
     tokens, tokens_skipped = run_stage(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -110,22 +111,26 @@ def test_existing_tokenizer_path_is_copied_and_validated(tok_dir, tmp_path):
 
 
 def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, tmp_path):
-    """The pipeline checks tokenizer.path while the docs workers run; the stage reuses that
-    check for the copied files, and checks again if they are not the ones checked."""
-    check = TokenizerCheck(tok_dir)
-    check.run()
-    assert (check.result["num_pieces"], check.result["vocab_size"]) == (NUM_PIECES, NUM_PIECES + NUM_SENTINELS)
+    """The pipeline checks tokenizer.path in another process while the docs workers run; the
+    stage reuses that check for the copied files, and checks again if they are not the ones
+    checked."""
+    check = TokenizerCheck(tok_dir).start()
+    pid = check._process.pid
+    checked = check.result()
+    assert (checked["num_pieces"], checked["vocab_size"]) == (NUM_PIECES, NUM_PIECES + NUM_SENTINELS)
+    assert check.result() == checked  # kept once read
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left behind
     cfg = TokenizerConfig(path=str(tok_dir), num_sentinels=NUM_SENTINELS)
     out = tmp_path / "copy"
     out.mkdir()
-    assert build_tokenizer(tmp_path, cfg, out, checked=check.result) == json.loads((tok_dir / "manifest.json").read_text())
-    stale = {**check.result, "files": {name: "0" * 64 for name in check.result["files"]}, "vocab_size": 1}
+    assert build_tokenizer(tmp_path, cfg, out, checked=checked) == json.loads((tok_dir / "manifest.json").read_text())
+    stale = {**checked, "files": {name: "0" * 64 for name in checked["files"]}, "vocab_size": 1}
     again = tmp_path / "again"
     again.mkdir()
     assert build_tokenizer(tmp_path, cfg, again, checked=stale)["vocab_size"] == NUM_PIECES + NUM_SENTINELS
-    broken = TokenizerCheck(tmp_path / "missing")
-    broken.run()  # fails quietly: the stage checks again and raises there
-    assert broken.result is None
+    # fails quietly: the stage checks again and raises there
+    assert TokenizerCheck(tmp_path / "missing").start().result() is None
 
 
 def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path):
