@@ -181,17 +181,17 @@ def run_prep(data: DataConfig, tokenizer: TokenizerConfig, pack_length: int, log
     docs_dir, tok_dir = layout.docs_dir(data.output_dir), layout.tokenizer_dir(data.output_dir)
     work_dir = layout.docs_work_dir(data.output_dir)
     # A given tokenizer is checked while the docs stage runs, not after it.
-    check = TokenizerCheck(spiece.parent).start() if spiece is not None else None
-    docs, docs_skipped = run_stage(
-        docs_dir, get_docs_params(data, spiece),
-        lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece, pack_length),
-        False, log,
-    )
-    tok, tok_skipped = run_stage(
-        tok_dir, tokenizer.model_dump(),
-        lambda tmp: build_tokenizer(docs_dir, tokenizer, tmp, log, check.result() if check else None),
-        not docs_skipped, log,
-    )
+    with TokenizerCheck(spiece.parent) if spiece is not None else contextlib.nullcontext() as check:
+        docs, docs_skipped = run_stage(
+            docs_dir, get_docs_params(data, spiece),
+            lambda tmp: build_docs(data, plan_units(data), tmp, log, spiece, pack_length),
+            False, log,
+        )
+        tok, tok_skipped = run_stage(
+            tok_dir, tokenizer.model_dump(),
+            lambda tmp: build_tokenizer(docs_dir, tokenizer, tmp, log, check.result() if check else None),
+            not docs_skipped, log,
+        )
     tokens, tokens_skipped = run_stage(
         layout.tokens_dir(data.output_dir),
         {"pack_length": pack_length, "shard_bytes": data.shard_bytes},

@@ -222,10 +222,24 @@ class TokenizerCheck:
                 self._result = self._results.recv()
             except EOFError:  # the process died without a result
                 self._result = None
-            self._results.close()
-            self._process.join()
-            self._process = None
+            self.close()
         return self._result
+
+    def close(self) -> None:
+        """Stop the check if it still runs (its result unwanted: the tokenizer stage was done
+        already, or the run failed) and reap its process."""
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join()
+            self._results.close()
+            self._process = None
+
+    def __enter__(self) -> "TokenizerCheck":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _run_check(tokenizer_dir: Path, send) -> None:

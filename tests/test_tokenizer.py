@@ -131,6 +131,10 @@ def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, tmp_path):
     assert build_tokenizer(tmp_path, cfg, again, checked=stale)["vocab_size"] == NUM_PIECES + NUM_SENTINELS
     # fails quietly: the stage checks again and raises there
     assert TokenizerCheck(tmp_path / "missing").start().result() is None
+    with TokenizerCheck(tok_dir) as unread:  # result never asked for (the stage was done already)
+        pid = unread._process.pid
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path):
