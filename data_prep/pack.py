@@ -34,7 +34,9 @@ from data_prep.tokenizer import EOS_ID, iter_doc_batches
 # negligible, small enough that texts + ids (~0.8 bytes of int32 per text byte for
 # Japanese) stay a few tens of MB.
 ENCODE_CHUNK_BYTES = 8 * 2**20
-_EOS = np.array([EOS_ID], dtype=np.int32)
+# A pre-encoded unit's tokens.bin and lengths.bin (written by worker.TokenSink, read here).
+UNIT_IDS_DTYPE = np.dtype(np.int32)
+EOS = np.array([EOS_ID], dtype=UNIT_IDS_DTYPE)
 
 
 def build_tokens_schema(pack_length: int) -> pa.Schema:
@@ -77,7 +79,7 @@ def iter_utf8(texts: pa.Array) -> Iterator[bytes]:
 def encode_with_eos(sp: spm.SentencePieceProcessor, texts: list[bytes], num_threads: int) -> np.ndarray:
     """Ids of `texts` concatenated, each document followed by EOS."""
     encoded = sp.encode(texts, num_threads=num_threads, return_type="numpy")
-    pieces = [_EOS] * (2 * len(encoded))
+    pieces = [EOS] * (2 * len(encoded))
     pieces[::2] = encoded
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
@@ -110,7 +112,7 @@ class WindowPacker:
 
 def load_unit_keep(keep_path: Path, unit_dirs: list[Path]) -> list[np.ndarray]:
     """The merge's keep mask (layout.keep_file), cut per unit by its number of encoded documents."""
-    counts = [(unit_dir / "lengths.bin").stat().st_size // 4 for unit_dir in unit_dirs]
+    counts = [(unit_dir / "lengths.bin").stat().st_size // UNIT_IDS_DTYPE.itemsize for unit_dir in unit_dirs]
     keep = np.load(keep_path)
     if len(keep) != sum(counts):
         raise ValueError(f"{keep_path}: {len(keep)} documents in the keep mask but {sum(counts)} encoded in the units")
@@ -124,12 +126,12 @@ def iter_unit_token_chunks(unit_dir: Path, keep: np.ndarray,
     The unit's files hold every document that passed its filters; `keep` (the merge's mask of
     the unit) drops the duplicates. Read through a memory map in chunks: bounded memory per unit.
     """
-    lengths = np.fromfile(unit_dir / "lengths.bin", dtype=np.int32)
+    lengths = np.fromfile(unit_dir / "lengths.bin", dtype=UNIT_IDS_DTYPE)
     if len(keep) != len(lengths):
         raise ValueError(f"{unit_dir}: {len(lengths)} encoded documents but {len(keep)} in the keep mask")
     if not len(lengths):
         return
-    tokens = np.memmap(unit_dir / "tokens.bin", dtype=np.int32, mode="r")
+    tokens = np.memmap(unit_dir / "tokens.bin", dtype=UNIT_IDS_DTYPE, mode="r")
     ends = np.cumsum(lengths, dtype=np.int64)
     first = 0
     while first < len(lengths):

@@ -101,8 +101,9 @@ def build_docs(data: DataConfig, plan: Plan, out_dir: Path, log, spiece: Path | 
     units_s = run_docs_units(data, plan, TaskShare(), log, spiece)
     work_dir = layout.docs_work_dir(data.output_dir)
     shutil.rmtree(work_dir / PREPACKED_DIR, ignore_errors=True)  # packed from an earlier merge's masks
-    packing = functools.partial(packing_alongside, work_dir / PREPACKED_DIR, pack_length, data.shard_bytes)
-    manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s, packing if pack_length else None)
+    packing = functools.partial(packing_alongside, work_dir / PREPACKED_DIR, pack_length, data.shard_bytes) \
+        if pack_length else None
+    manifest = merge_units(work_dir, plan.units, plan.formats, data, out_dir, units_s, packing)
     for entry in manifest["inputs"]:
         log(f"docs: input {entry['input']} {entry['path']}: {entry['num_docs_out']} of {entry['num_docs_in']} kept")
     return manifest

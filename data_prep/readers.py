@@ -240,7 +240,7 @@ def _read_split(path, fmt, start, end, text_field, max_line_bytes) -> Iterator[R
 
 
 def _reads_blocks(split: Split, fmt: str, text_field: str) -> bool:
-    """Arrow's JSON reader takes generic JSON lines from plain files (a compressed stream's bytes
+    """The block reader (data_prep/json_blocks.py) takes generic JSON lines from plain files (a compressed stream's bytes
     could not be read again line by line after a failed block)."""
     return fmt == "jsonl" and split.streams is None and not split.compressed and can_read_blocks(text_field)
 
@@ -715,7 +715,7 @@ def get_block_bytes(split: Split, offset: int) -> int:
 
 def json_block_docs(split: Split, lines: LineStream, parse: JsonParser,
                     blocks: BlockParser) -> Iterator[RawDoc | Reject | DocBatch]:
-    """Blocks of lines through Arrow's JSON reader; a block it cannot vouch for goes line by line."""
+    """Blocks of lines through json_blocks.BlockParser; a block it cannot vouch for goes line by line."""
     while True:
         try:
             block = lines.read_block(get_block_bytes(split, lines.offset))

@@ -12,13 +12,28 @@ from data_prep.json_blocks import DocBatch, find_line_starts
 from data_prep.readers import plan_splits, read_split, read_split_batches
 
 
+class CountingScanner:
+    """data_prep._jsonlines, counting the blocks its scan took."""
+
+    def __init__(self, module):
+        self.module, self.taken = module, 0
+
+    def scan(self, data, text_field):
+        result = self.module.scan(data, text_field)
+        self.taken += result is not None
+        return result
+
+
 @pytest.fixture(autouse=True, params=["c", "arrow"])
-def block_reader(request, monkeypatch):
-    if request.param == "c":
-        if json_blocks._jsonlines is None:
-            pytest.fail("data_prep._jsonlines is not built: run `make setup`")
-    else:
+def block_reader(request, monkeypatch) -> CountingScanner | None:
+    if request.param == "arrow":
         monkeypatch.setattr(json_blocks, "_jsonlines", None)
+        return None
+    if json_blocks._jsonlines is None:
+        pytest.fail("data_prep._jsonlines is not built: run `make setup`")
+    scanner = CountingScanner(json_blocks._jsonlines)
+    monkeypatch.setattr(json_blocks, "_jsonlines", scanner)
+    return scanner
 
 GOOD = ['{"id": "a1", "title": "猫", "url": "https://example.org/1", "text": "吾輩は猫である。\\n名前はまだ無い。"}',
         '{"text": "どこで生れたかとんと見当がつかぬ。", "extra": {"nested": [1, 2]}}',
@@ -74,10 +89,11 @@ def test_clean_lines_come_as_one_batch_with_their_fields(tmp_path, monkeypatch):
         ("a1", "猫", "https://example.org/1", f"{path}:1"), (None, "", "", f"{path}:3"), (None, "", "", f"{path}:4")]
 
 
-def test_integer_ids_stay_on_arrow_and_read_as_str_of_int(tmp_path, monkeypatch):
+def test_integer_ids_stay_on_arrow_and_read_as_str_of_int(tmp_path, monkeypatch, block_reader):
     path = tmp_path / "c.jsonl"
     write_lines(path, [f'{{"id": {i}, "text": "文 {i}"}}'.encode() for i in (3, -0, 12)])
     assert all(isinstance(item, DocBatch) for item in read_split_batches(path, "jsonl"))
+    assert block_reader is None or block_reader.taken == 1  # the C scanner read the block
     assert [d.doc_id for d in assert_same_as_per_line(monkeypatch, path)] == ["3", "0", "12"]
 
 

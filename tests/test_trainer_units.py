@@ -226,6 +226,10 @@ def test_collection_paused_turns_collection_back_on_even_after_an_error():
               "        raise ImportError('a command failing on an import')\n"
               "except ImportError:\n"
               "    pass\n"
-              "print(gc.isenabled(), gc.get_freeze_count() > 0)")
+              "print(gc.isenabled(), gc.get_freeze_count() > 0)\n"
+              "gc.disable()\n"  # a rank before its first step: collection stays off
+              "with heap.collection_paused():\n"
+              "    pass\n"
+              "print(gc.isenabled())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "True", "True"]
+    assert out == ["False", "True", "True", "False"]

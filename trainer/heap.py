@@ -32,10 +32,11 @@ def settle(resume_collection: bool = False) -> None:
 @contextlib.contextmanager
 def collection_paused():
     """No automatic collection inside (a command's torch/transformers/DeepSpeed imports: the
-    same ~2 s of CPU of passes over module objects that live on), then `settle` with collection
-    back on."""
+    same ~2 s of CPU of passes over module objects that live on), then `settle`, with automatic
+    collection as it was before (off in a rank that has not reached its first step yet)."""
+    was_enabled = gc.isenabled()
     pause_collection()
     try:
         yield
     finally:
-        settle(resume_collection=True)
+        settle(resume_collection=was_enabled)
