@@ -14,8 +14,11 @@
  * twice (keys compared unescaped, as the json module does); a lone surrogate; a control
  * character in a string; NaN, Infinity or any other non-JSON value; more than one object on
  * a line; a line that starts with anything but "{" (a BOM); nesting deeper than MAX_DEPTH.
- * The bytes must be valid UTF-8: the caller checks that first, so bytes from 0x80 up are
- * copied as they are.
+ * A block that is not valid UTF-8 is declined too. Bytes from 0x80 up are valid JSON only
+ * inside strings, where read_string checks each sequence as it passes (Unicode's table 3-7:
+ * no overlong forms, no surrogates, nothing above U+10FFFF) and copies it as it is; anywhere
+ * else they fail the grammar. So a taken block needs no separate UTF-8 pass (Arrow's took as
+ * long as this whole scan).
  *
  * Arrow's JSON reader did the same job at ~200 MB/s; most of a line is its text, which is
  * copied here in runs between escapes.
@@ -33,7 +36,8 @@ typedef struct {
     const unsigned char *p, *end;
 } Cursor;
 
-/* 1 for the bytes that end a run of plain string content: '"', '\\' and control characters. */
+/* Non-zero for the bytes that end a run of plain ASCII string content: '"', '\\', control
+ * characters, and the first byte of a multi-byte UTF-8 sequence or a byte that starts none. */
 static unsigned char stops[256];
 
 static void init_stops(void)
@@ -41,6 +45,39 @@ static void init_stops(void)
     for (int c = 0; c < 0x20; c++)
         stops[c] = 1;
     stops['"'] = stops['\\'] = 1;
+    for (int c = 0x80; c < 0x100; c++)
+        stops[c] = 1;
+}
+
+/* The length of the valid UTF-8 sequence at p (its first byte >= 0x80), or 0 if there is none. */
+static inline int utf8_sequence(const unsigned char *p, const unsigned char *end)
+{
+    unsigned char b0 = p[0];
+    int n;
+    unsigned char lo = 0x80, hi = 0xbf; /* the second byte's range */
+    if (b0 >= 0xc2 && b0 <= 0xdf) {
+        n = 2;
+    } else if (b0 >= 0xe0 && b0 <= 0xef) {
+        n = 3;
+        if (b0 == 0xe0)
+            lo = 0xa0; /* no overlong form */
+        else if (b0 == 0xed)
+            hi = 0x9f; /* no surrogate */
+    } else if (b0 >= 0xf0 && b0 <= 0xf4) {
+        n = 4;
+        if (b0 == 0xf0)
+            lo = 0x90;
+        else if (b0 == 0xf4)
+            hi = 0x8f; /* nothing above U+10FFFF */
+    } else {
+        return 0; /* a continuation byte, an overlong lead (0xc0, 0xc1) or 0xf5 and up */
+    }
+    if (end - p < n || p[1] < lo || p[1] > hi)
+        return 0;
+    for (int i = 2; i < n; i++)
+        if ((p[i] & 0xc0) != 0x80)
+            return 0;
+    return n;
 }
 
 static inline void skip_space(Cursor *c)
@@ -97,8 +134,24 @@ static int read_string(Cursor *c, unsigned char **out)
     unsigned char *o = out != NULL ? *out : NULL;
     for (;;) {
         const unsigned char *run = p;
-        while (p < end && !stops[*p])
-            p++;
+        for (;;) {
+            while (p < end && !stops[*p])
+                p++;
+            if (p >= end || *p < 0x80)
+                break;
+            do { /* a run of multi-byte characters */
+                unsigned char b0 = *p;
+                if (((b0 >= 0xe1 && b0 <= 0xec) || b0 >= 0xee) && b0 <= 0xef && end - p >= 3
+                    && (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80) {
+                    p += 3; /* kana and kanji: a 3-byte lead with no constraint on its second byte */
+                    continue;
+                }
+                int n = utf8_sequence(p, end);
+                if (n == 0)
+                    return -1; /* not UTF-8 */
+                p += n;
+            } while (p < end && *p >= 0x80);
+        }
         if (o != NULL) {
             memcpy(o, run, (size_t)(p - run));
             o += p - run;

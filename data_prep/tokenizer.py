@@ -184,21 +184,42 @@ def check_special_ids(spiece_path: Path) -> int:
     return sp.get_piece_size()
 
 
+def hash_tokenizer_files(tokenizer_dir: Path) -> dict:
+    return {name: get_sha256(tokenizer_dir / name) for name in (SPIECE_FILE, "tokenizer.json")}
+
+
 def inspect_tokenizer(tokenizer_dir: Path) -> dict:
     """What the manifest needs of a tokenizer directory that costs time (both tokenizers are
     loaded), with the sha256 of the files it was read from."""
-    return {"files": {name: get_sha256(tokenizer_dir / name) for name in (SPIECE_FILE, "tokenizer.json")},
-            "num_pieces": check_special_ids(tokenizer_dir / SPIECE_FILE), "vocab_size": get_hf_vocab_size(tokenizer_dir)}
+    return {"files": hash_tokenizer_files(tokenizer_dir), "num_pieces": check_special_ids(tokenizer_dir / SPIECE_FILE),
+            "vocab_size": get_hf_vocab_size(tokenizer_dir)}
+
+
+def read_manifest_check(tokenizer_dir: Path) -> dict | None:
+    """The `inspect_tokenizer` result that the directory's manifest.json records, if it records
+    one for the files there now (same sha256): a tokenizer stage wrote it after checking them.
+    None otherwise (no manifest, one from before `files` was recorded, or changed files)."""
+    try:
+        manifest = json.loads((tokenizer_dir / "manifest.json").read_text(encoding="utf-8"))
+        files, num_pieces, vocab_size = manifest["files"], manifest["num_pieces"], manifest["vocab_size"]
+        if files != hash_tokenizer_files(tokenizer_dir):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"files": files, "num_pieces": num_pieces, "vocab_size": vocab_size}
 
 
 class TokenizerCheck:
-    """`inspect_tokenizer` of a given tokenizer.path, run ahead of the tokenizer stage in a
-    forked process at the lowest CPU priority (nice 19). The docs workers keep every core busy,
-    so the check (~0.1 s of CPU: both tokenizers loaded, the files hashed) runs mostly on the
-    core-time they leave idle: while the parent plans and forks them, and in the serial steps
-    of the merge. Run at normal priority it took that CPU from the workers. The tokenizer stage
-    reuses the result only if the files it copied have the same sha256; otherwise, or if the
-    check failed, it checks again itself and reports any problem there, in its usual place."""
+    """`inspect_tokenizer` of a given tokenizer.path, ready for the tokenizer stage.
+
+    A directory that a tokenizer stage built carries the result in its manifest.json, with the
+    sha256 of the files it was read from: while they match, that is the result, and nothing
+    runs. Otherwise the check (~0.05-0.1 s of CPU: both tokenizers loaded) runs ahead of the
+    tokenizer stage in a forked process at the lowest CPU priority (nice 19): the docs workers
+    keep every core busy, so it runs mostly on the core-time they leave idle (at normal
+    priority it took that CPU from them). The tokenizer stage reuses the result only if the
+    files it copied have the same sha256; otherwise, or if the check failed, it checks again
+    itself and reports any problem there, in its usual place."""
 
     def __init__(self, tokenizer_dir: Path):
         self.tokenizer_dir = tokenizer_dir
@@ -206,7 +227,11 @@ class TokenizerCheck:
         self._result: dict | None = None
 
     def start(self) -> "TokenizerCheck":
-        """Fork the check. Before the docs workers' pool: the parent has no other thread yet."""
+        """Read the manifest's result, else fork the check. Before the docs workers' pool: the
+        parent has no other thread yet."""
+        self._result = read_manifest_check(self.tokenizer_dir)
+        if self._result is not None:
+            return self
         context = multiprocessing.get_context("fork")
         self._results, send = context.Pipe(duplex=False)
         # daemon: killed at exit if the run fails before it reads the result
@@ -267,6 +292,7 @@ def write_tokenizer_manifest(out_dir: Path, num_sentinels: int, checked: dict | 
     manifest = {
         "vocab_size": vocab_size, "num_pieces": num_pieces, "num_sentinels": num_sentinels,
         "pad_id": PAD_ID, "eos_id": EOS_ID, "unk_id": UNK_ID, "spiece_sha256": files[SPIECE_FILE],
+        "files": files,  # the sha256 of what was checked: read_manifest_check
     }
     write_json(out_dir / "manifest.json", manifest)
     return manifest

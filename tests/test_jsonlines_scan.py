@@ -99,3 +99,28 @@ def test_takes_a_block_or_declines_it_whole():
                    b'{"text": "a", "id": 1.0}', b'{"text": "a", "text": "b"}', b'{"text": "tab\there"}',
                    b'{"text": "a", "deep": ' + b"[" * 300 + b"]" * 300 + b"}", b'{"text": "cut']:
         assert scan(good[0] + b"\n" + tricky + b"\n", b"text") is None, tricky
+
+
+def test_takes_exactly_the_valid_utf8():
+    """Every byte pair (with a few continuations after it) inside a text: taken exactly when
+    Python's strict decoder reads it, which follows the same table (no overlong forms, no
+    surrogates, nothing above U+10FFFF); the scanner has no separate UTF-8 pass to fall back on."""
+    for b0 in range(0x80, 0x100):
+        for b1 in range(0x100):
+            for tail in (b"", b"\x80", b"\xbf\xbf", b"A"):
+                seq = bytes([b0, b1]) + tail
+                try:
+                    valid = all(ch >= " " and ch not in '"\\' for ch in seq.decode("utf-8"))
+                except UnicodeDecodeError:
+                    valid = False
+                assert (scan(b'{"text": "' + seq + b'"}\n', b"text") is not None) == valid, seq
+
+
+@pytest.mark.parametrize("where", ["text", "key", "other value", "title", "id", "outside a string"])
+def test_declines_bad_utf8_wherever_it_is(where):
+    line = {"text": b'{"text": "a%sb", "n": 1}', "key": b'{"a%sb": 1, "text": "t"}',
+            "other value": b'{"x": ["a%sb"], "text": "t"}', "title": b'{"title": "a%sb", "text": "t"}',
+            "id": b'{"id": "a%sb", "text": "t"}', "outside a string": b'{"text": "t"%s}'}[where]
+    assert scan(line.replace(b"%s", "猫".encode()) + b"\n", b"text") is not None or where == "outside a string"
+    for bad in (b"\xff", b"\x80", b"\xc0\xaf", b"\xe3\x81", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80"):
+        assert scan(line.replace(b"%s", bad) + b"\n", b"text") is None, (where, bad)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from data_prep.tokenizer import (
     TokenizerCheck,
     build_tokenizer,
     export_hf_tokenizer,
+    inspect_tokenizer,
     load_tokenizer,
     sample_lines,
     train_sentencepiece,
@@ -110,10 +112,19 @@ def test_existing_tokenizer_path_is_copied_and_validated(tok_dir, tmp_path):
         build_tokenizer(tmp_path, TokenizerConfig(path=str(tok_dir), num_sentinels=10), tmp_path / "bad")
 
 
-def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, tmp_path):
+@pytest.fixture
+def unvouched_tok_dir(tok_dir, tmp_path) -> Path:
+    """tok_dir without its manifest: nothing vouches for its files."""
+    out = tmp_path / "unvouched"
+    shutil.copytree(tok_dir, out, ignore=shutil.ignore_patterns("manifest.json"))
+    return out
+
+
+def test_check_run_ahead_is_reused_only_for_the_same_files(unvouched_tok_dir, tmp_path):
     """The pipeline checks tokenizer.path in another process while the docs workers run; the
     stage reuses that check for the copied files, and checks again if they are not the ones
     checked."""
+    tok_dir = unvouched_tok_dir
     check = TokenizerCheck(tok_dir).start()
     pid = check._process.pid
     checked = check.result()
@@ -124,7 +135,7 @@ def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, tmp_path):
     cfg = TokenizerConfig(path=str(tok_dir), num_sentinels=NUM_SENTINELS)
     out = tmp_path / "copy"
     out.mkdir()
-    assert build_tokenizer(tmp_path, cfg, out, checked=checked) == json.loads((tok_dir / "manifest.json").read_text())
+    assert build_tokenizer(tmp_path, cfg, out, checked=checked) == json.loads((out / "manifest.json").read_text())
     stale = {**checked, "files": {name: "0" * 64 for name in checked["files"]}, "vocab_size": 1}
     again = tmp_path / "again"
     again.mkdir()
@@ -135,6 +146,28 @@ def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, tmp_path):
         pid = unread._process.pid
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def test_a_built_tokenizers_manifest_vouches_for_its_files(tok_dir, unvouched_tok_dir):
+    """A directory with the manifest a tokenizer stage wrote needs no check process while its
+    files are the ones the manifest's sha256 name; a changed file or an older manifest does."""
+    with TokenizerCheck(tok_dir) as check:
+        assert check._process is None
+        assert check.result() == inspect_tokenizer(tok_dir)
+    vouched = unvouched_tok_dir
+    write_tokenizer_manifest(vouched, NUM_SENTINELS)
+    with TokenizerCheck(vouched) as check:
+        assert check._process is None
+    with open(vouched / "tokenizer.json", "a") as f:
+        f.write("\n")  # same tokenizer, other bytes
+    with TokenizerCheck(vouched) as check:
+        assert check._process is not None and check.result() == inspect_tokenizer(vouched)
+    manifest = json.loads((tok_dir / "manifest.json").read_text())
+    del manifest["files"]  # written before the manifest recorded them
+    (vouched / "manifest.json").write_text(json.dumps(manifest))
+    (vouched / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+    with TokenizerCheck(vouched) as check:
+        assert check._process is not None
 
 
 def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path):
