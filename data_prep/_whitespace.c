@@ -65,10 +65,24 @@ static inline Py_ssize_t multibyte_space(const unsigned char *p, const unsigned 
 #include <emmintrin.h>
 #define USE_SSE2 1
 
-/* How many of the 16 bytes at p are content for sure: those before the first byte <= 0x20 (the
- * ASCII spaces, "\n", and a few control characters), C2, E1, E2, or E3 80 80 (U+3000). E3 leads
- * all kana, so it is looked at with its next two bytes; C2, E1, E2 are rarer and the byte-wise
- * step sorts them out. Reads p[0..17]: the caller makes sure they are in the string. */
+/* 0xff for the bytes that may be or start whitespace: <= 0x20 (the ASCII spaces, "\n", and a
+ * few control characters), C2, E1, E2, E3. */
+static inline __m128i maybe_space16(__m128i v)
+{
+    __m128i m = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x20)), v);
+    m = _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8((char)0xc2)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8((char)0xe1)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8((char)0xe2)));
+    return _mm_or_si128(m, _mm_cmpeq_epi8(v, _mm_set1_epi8((char)0xe3)));
+}
+
+/* How many of the 16 bytes at p are copied as they are: those before the first byte <= 0x20,
+ * C2, E1, E2, or E3 80 80 (U+3000), except a lone " " or "\n" between two bytes that are
+ * surely content, which the output keeps as it is too (a word space, a line break: most of
+ * the whitespace in documentation text). E3 leads all kana, so it is looked at with its next
+ * two bytes; C2, E1, E2 are rarer and the byte-wise step sorts them out. A lone space in the
+ * first byte is left to that step too: what came before it is in the previous chunk.
+ * Reads p[0..17]: the caller makes sure they are in the string. */
 static inline unsigned content_run16(const unsigned char *p)
 {
     const __m128i v = _mm_loadu_si128((const __m128i *)p);
@@ -81,7 +95,12 @@ static inline unsigned content_run16(const unsigned char *p)
     const __m128i k80 = _mm_set1_epi8((char)0x80);
     m = _mm_or_si128(m, _mm_and_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8((char)0xe3)),
                                       _mm_and_si128(_mm_cmpeq_epi8(v1, k80), _mm_cmpeq_epi8(v2, k80))));
-    const unsigned mask = (unsigned)_mm_movemask_epi8(m);
+    /* byte i of `before` is p[i - 1]; byte 0 is 0, which may be whitespace: never lone */
+    const __m128i before = _mm_slli_si128(v, 1);
+    const __m128i lone = _mm_andnot_si128(_mm_or_si128(maybe_space16(before), maybe_space16(v1)),
+                                          _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')),
+                                                       _mm_cmpeq_epi8(v, _mm_set1_epi8('\n'))));
+    const unsigned mask = (unsigned)_mm_movemask_epi8(_mm_andnot_si128(lone, m));
     return mask ? (unsigned)__builtin_ctz(mask) : 16;
 }
 #endif

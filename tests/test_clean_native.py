@@ -87,7 +87,7 @@ def random_texts(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
     alphabet = (list(SPACES) + [" "] * 10 + ["\n"] * 10 + ["\r\n"] * 2 + list("abcXYZ019.,")
                 + list("あいうアイウｱ") + list("猫犬吾輩") + ["😀", "🐈", "👍🏽"] + ["\u3000"] * 5
-                + ["吾輩は猫である。名前はまだ無い。", "The quick brown fox", "「ｶﾀｶﾅ」…―※"])
+                + ["吾輩は猫である。名前はまだ無い。", "The quick brown fox", "「ｶﾀｶﾅ」…―※", "a·b", "x é y"])
     # Mostly short, some long enough for the 16-bytes-at-a-time path to run many blocks.
     return ["".join(rng.choice(alphabet) for _ in range(rng.choice((rng.randint(0, 40), rng.randint(0, 400)))))
             for _ in range(count)]
