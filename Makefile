@@ -49,7 +49,7 @@ quickstart: setup
 TEST_WORKERS ?= 2
 # compileall: the project's own .pyc files, for the same reason as --compile-bytecode above.
 test: setup
-	$(PY) -m compileall -q data_prep trainer launcher finetune > /dev/null
+	$(PY) -m compileall -q data_prep trainer launcher finetune
 	$(PY) -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Pure-logic tests only (seconds): no torchrun, no DeepSpeed engine.
