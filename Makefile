@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # one used it: one cache per venv instead.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup quickstart test test-fast bench-prep bench-train clean
+.PHONY: setup bytecode quickstart test test-fast bench-prep bench-train clean
 
 setup: $(STAMP)
 
@@ -37,7 +37,12 @@ $(STAMP): pyproject.toml setup.py data_prep/_whitespace.c data_prep/_jsonlines.c
 		{ echo "uv could not install the project: installing it with pip"; $(PY) -m pip install -q -e '.[test]'; }
 	touch $(STAMP)
 
-quickstart: setup
+# The project's own .pyc files, for the same reason as --compile-bytecode above (a second;
+# modules edited since are compiled again, here or by Python as it imports them).
+bytecode: setup
+	$(PY) -m compileall -q data_prep trainer launcher finetune
+
+quickstart: bytecode
 	$(VENV)/bin/t5ja quickstart
 
 # Two pytest-xdist workers: many tests wait on processes, servers and the scheduler, so two
@@ -47,9 +52,7 @@ quickstart: setup
 # --no-loadscope-reorder: files go out in collection order, longest first (tests/conftest.py),
 # not xdist's default of most tests first, which left the few long resume tests for the end.
 TEST_WORKERS ?= 2
-# compileall: the project's own .pyc files, for the same reason as --compile-bytecode above.
-test: setup
-	$(PY) -m compileall -q data_prep trainer launcher finetune
+test: bytecode
 	$(PY) -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Pure-logic tests only (seconds): no torchrun, no DeepSpeed engine.
