@@ -749,8 +749,11 @@ def read_json_block(split: Split, block: Block, blocks: BlockParser, max_line_by
     rows = find_object_lines(block.data, starts, lo, hi, max_line_bytes, block.offset == 0)
     if not rows:  # None, or no object line of the split (its last lines, blank lines): per line
         return None, at_end
+    begin = starts[rows[0]]
+    if begin == 0 and block.offset == 0 and block.data.startswith(_UTF8_BOM):
+        begin = len(_UTF8_BOM)  # the per-line reader drops it too; the scanner would decline it
     end = starts[rows[-1] + 1] if rows[-1] + 1 < len(starts) else len(block.data)
-    batch = blocks.parse(memoryview(block.data)[starts[rows[0]] : end],
+    batch = blocks.parse(memoryview(block.data)[begin:end],
                          [block.offset + starts[i] for i in rows], [block.number + i for i in rows])
     return batch, at_end
 

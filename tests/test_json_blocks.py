@@ -79,11 +79,12 @@ def test_every_line_reads_as_the_per_line_reader_reads_it(tmp_path, monkeypatch,
     assert_same_as_per_line(monkeypatch, path)
 
 
-def test_clean_lines_come_as_one_batch_with_their_fields(tmp_path, monkeypatch):
+def test_clean_lines_come_as_one_batch_with_their_fields(tmp_path, monkeypatch, block_reader):
     path = tmp_path / "c.jsonl"
     write_lines(path, [b'\xef\xbb\xbf' + GOOD[0].encode(), b"", *[g.encode() for g in GOOD[1:]]])
     items = list(read_split_batches(path, "jsonl"))
     assert len(items) == 1 and isinstance(items[0], DocBatch) and len(items[0]) == 3
+    assert block_reader is None or block_reader.taken == 1  # the file's BOM left out of the scan
     docs = assert_same_as_per_line(monkeypatch, path)
     assert [(d.doc_id, d.title, d.url, d.where) for d in docs] == [
         ("a1", "猫", "https://example.org/1", f"{path}:1"), (None, "", "", f"{path}:3"), (None, "", "", f"{path}:4")]
