@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import random
+import unicodedata
 from collections import Counter
+from pathlib import Path
 
+import neologdn
 import pyarrow as pa
 import pytest
 
+from data_prep import clean
 from data_prep.clean import SPACES, build_column_normalizer, build_normalizer, clean_text, clean_whitespace
 from data_prep.config import CleanConfig, FilterConfig
 from data_prep.filters import (
@@ -73,6 +77,49 @@ def random_texts(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
     alphabet = ALL_SPACES + ["\n"] * 8 + list("ab猫ｱＡ①") + [" "] * 8
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16))) for _ in range(count)]
+
+
+NEKO = Path(__file__).resolve().parents[1] / "data_prep" / "samples" / "neko.txt"
+
+
+def neologdn_in_full(line: str) -> str:
+    """normalize_neologdn_line without its shortcuts: neologdn on every line."""
+    return unicodedata.normalize("NFKC", neologdn.normalize(clean._SPACE_RUN.sub(" ", line)))
+
+
+def test_neologdn_returns_as_it_is_every_line_the_shortcut_skips():
+    """Every code point, alone and beside the characters neologdn's rules look at (kana whose
+    sound marks combine, "-", "ー", "*", Latin letters, kanji): wherever _NEOLOGDN_ACTS finds
+    nothing, neologdn changes nothing. (~1.1M code points x 5 contexts, a few seconds.)"""
+    changed = []
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        for line in (c, "あ" + c + "あ", "a" + c + "a", c + c, "カ" + c + "は-ー*漢"):
+            if not clean._NEOLOGDN_ACTS.search(line) and neologdn.normalize(line) != line:
+                changed.append(line)
+    assert changed == []
+
+
+def random_line(rng: random.Random, alphabet: str) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 24)))
+
+
+def test_neologdn_shortcuts_give_what_neologdn_gives():
+    """Random lines, ASCII (where the shortcut keeps neologdn off unless "~" or "*" is there)
+    and mixed (kana, kanji, full- and half-width forms, marks, spaces of every kind, and any
+    other code point but the surrogates, which the readers never let through): normalize_neologdn_line
+    equals neologdn run on every line."""
+    rng = random.Random(5)
+    ascii_alphabet = "".join(chr(c) for c in range(128) if c != 10) + " " * 20 + "\t" * 3 + "ab" * 10  # a line: no "\n"
+    mixed = (clean._NEOLOGDN_FOLDED + clean._NEOLOGDN_MARKS + SPACES + "ああカハは漢字ーーー-- **" + "abc1" * 5
+             + "".join(chr(cp) for cp in rng.sample(range(0x80, 0x30000), 300) if not 0xD800 <= cp <= 0xDFFF))
+    plain = "".join(c for c in mixed if not clean._NEOLOGDN_ACTS.search(c))  # what the shortcut lets by
+    lines = [random_line(rng, alphabet) for alphabet in (ascii_alphabet, mixed, plain) for _ in range(20000)]
+    lines += NEKO.read_text(encoding="utf-8").split("\n")
+    assert sum(clean._NEOLOGDN_ACTS.search(line) is None for line in lines) > 20000  # the shortcut is taken
+    assert [line for line in lines if clean.normalize_neologdn_line(line) != neologdn_in_full(line)] == []
 
 
 @pytest.mark.parametrize("mode", ["none", "nfkc", "neologdn"])
