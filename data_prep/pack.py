@@ -78,10 +78,14 @@ def iter_utf8(texts: pa.Array) -> Iterator[bytes]:
 
 def encode_with_eos(sp: spm.SentencePieceProcessor, texts: list[bytes], num_threads: int) -> np.ndarray:
     """Ids of `texts` concatenated, each document followed by EOS."""
-    encoded = sp.encode(texts, num_threads=num_threads, return_type="numpy")
+    return join_with_eos(sp.encode(texts, num_threads=num_threads, return_type="numpy"))
+
+
+def join_with_eos(encoded: list[np.ndarray]) -> np.ndarray:
+    """Documents' ids concatenated, each followed by EOS (UNIT_IDS_DTYPE)."""
     pieces = [EOS] * (2 * len(encoded))
     pieces[::2] = encoded
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return np.concatenate(pieces).astype(UNIT_IDS_DTYPE, copy=False) if pieces else np.zeros(0, UNIT_IDS_DTYPE)
 
 
 def to_windows_batch(tokens: np.ndarray, pack_length: int) -> pa.RecordBatch:

@@ -35,7 +35,7 @@ from data_prep.config import DataConfig
 from data_prep.dedup import minhash_signature, utf8_hash, write_hashes, write_signatures
 from data_prep.documents import DOCS_SCHEMA, build_docs_batch
 from data_prep.filters import apply_filters, build_filters
-from data_prep.pack import EOS, UNIT_IDS_DTYPE, iter_utf8
+from data_prep.pack import UNIT_IDS_DTYPE, iter_utf8, join_with_eos
 from data_prep.json_blocks import DocBatch
 from data_prep.readers import RawDoc, Reject, read_split_batches
 from data_prep.units import Unit
@@ -77,10 +77,8 @@ class TokenSink:
     def add(self, texts: list[bytes]) -> None:
         encoded = self.sp.encode(texts, num_threads=1, return_type="numpy")  # one worker per core already
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=UNIT_IDS_DTYPE, count=len(encoded))
-        pieces = [EOS] * (2 * len(encoded))
-        pieces[::2] = encoded
-        if pieces:  # written from the array's own buffer: a tobytes() copy costs fresh pages
-            self.tokens.write(np.concatenate(pieces).astype(UNIT_IDS_DTYPE, copy=False).data)
+        # written from the arrays' own buffers: a tobytes() copy costs fresh pages
+        self.tokens.write(join_with_eos(encoded).data)
         self.lengths.write(lengths.data)
 
     def close(self) -> None:
