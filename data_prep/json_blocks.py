@@ -44,7 +44,7 @@ BLOCK_BYTES = 4 * 2**20
 # The fields a generic JSON-lines document takes besides its text (readers.generic_record).
 DOC_FIELDS = ("id", "title", "url")
 _OPEN_BRACE, _NEWLINE = ord("{"), ord("\n")
-_UTF8_BOM = b"\xef\xbb\xbf"
+UTF8_BOM = b"\xef\xbb\xbf"
 _ID_IS_A_NUMBER = "Column(/id) changed from string to number"
 
 
@@ -78,6 +78,12 @@ def find_line_starts(data: bytes) -> list[int]:
     return starts
 
 
+def bom_length(data: bytes, at_stream_start: bool) -> int:
+    """Bytes of the UTF-8 BOM that `data` starts with, if it starts the stream: the per-line reader
+    drops it, and neither Arrow nor the C scanner would take it."""
+    return len(UTF8_BOM) if at_stream_start and data.startswith(UTF8_BOM) else 0
+
+
 def find_object_lines(data: bytes, starts: list[int], lo: int, hi: int, max_line_bytes: int,
                       at_stream_start: bool) -> list[int] | None:
     """Indices of the lines in [lo, hi) that hold a JSON object, or None if any line of the range
@@ -87,8 +93,8 @@ def find_object_lines(data: bytes, starts: list[int], lo: int, hi: int, max_line
         begin, end = starts[i], starts[i + 1] if i + 1 < len(starts) else len(data)
         if end - begin > max_line_bytes:
             return None
-        if i == 0 and at_stream_start and data.startswith(_UTF8_BOM):
-            begin += len(_UTF8_BOM)  # removed by the per-line reader too
+        if i == 0:
+            begin += bom_length(data, at_stream_start)
         first = data[begin] if begin < end else _NEWLINE
         if first == _OPEN_BRACE:
             rows.append(i)

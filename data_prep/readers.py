@@ -57,7 +57,8 @@ from xml.etree import ElementTree
 import orjson
 import zstandard
 
-from data_prep.json_blocks import BLOCK_BYTES, BlockParser, DocBatch, can_read_blocks, find_line_starts, find_object_lines
+from data_prep.json_blocks import (BLOCK_BYTES, UTF8_BOM, BlockParser, DocBatch, bom_length, can_read_blocks,
+                                  find_line_starts, find_object_lines)
 from data_prep.wikitext import wikitext_to_text
 
 FORMATS = ("text", "jsonl", "wikipedia_xml", "wikiextractor", "oscar2019", "oscar", "cc100")
@@ -79,7 +80,6 @@ _BZ2_STREAM_START = re.compile(rb"BZh[1-9]\x31\x41\x59\x26\x53\x59")
 _OSCAR2019_NAME = re.compile(r"[a-z]{2,3}(_dedup)?\.txt\.gz|.*oscar.*")
 _PAGE_END = b"</page>"
 _PAGE_ID = re.compile(rb"<id>\s*(\d+)\s*</id>")
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -266,7 +266,7 @@ def peek_lines(path: Path, max_lines: int = 5) -> list[bytes]:
         with open_binary(path) as f:
             while len(lines) < max_lines and (raw := f.readline(_PEEK_BYTES)):
                 if raw.strip():
-                    lines.append(raw.removeprefix(_UTF8_BOM).strip())
+                    lines.append(raw.removeprefix(UTF8_BOM).strip())
     except STREAM_ERRORS as e:
         if not lines:  # a stream corrupt later on is the reader's to report, record by record
             raise ValueError(f"{path}: cannot open or decompress: {e}") from e
@@ -594,7 +594,7 @@ class LineStream:
         if num_bytes > self.max_line_bytes and not raw.endswith(b"\n"):
             raw, num_bytes = None, num_bytes + discard_rest_of_line(self.f)
         elif self.offset == 0:
-            raw = raw.removeprefix(_UTF8_BOM)
+            raw = raw.removeprefix(UTF8_BOM)
         self.number += 1
         line = Line(self.offset, self.number, raw)
         self.offset += num_bytes
@@ -749,9 +749,7 @@ def read_json_block(split: Split, block: Block, blocks: BlockParser, max_line_by
     rows = find_object_lines(block.data, starts, lo, hi, max_line_bytes, block.offset == 0)
     if not rows:  # None, or no object line of the split (its last lines, blank lines): per line
         return None, at_end
-    begin = starts[rows[0]]
-    if begin == 0 and block.offset == 0 and block.data.startswith(_UTF8_BOM):
-        begin = len(_UTF8_BOM)  # the per-line reader drops it too; the scanner would decline it
+    begin = starts[rows[0]] + (bom_length(block.data, block.offset == 0) if rows[0] == 0 else 0)
     end = starts[rows[-1] + 1] if rows[-1] + 1 < len(starts) else len(block.data)
     batch = blocks.parse(memoryview(block.data)[begin:end],
                          [block.offset + starts[i] for i in rows], [block.number + i for i in rows])
