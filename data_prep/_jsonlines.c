@@ -141,7 +141,7 @@ static int read_string(Cursor *c, unsigned char **out)
                 break;
             do { /* a run of multi-byte characters */
                 unsigned char b0 = *p;
-                if (((b0 >= 0xe1 && b0 <= 0xec) || b0 >= 0xee) && b0 <= 0xef && end - p >= 3
+                if (b0 >= 0xe1 && b0 <= 0xef && b0 != 0xed && end - p >= 3
                     && (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80) {
                     p += 3; /* kana and kanji: a 3-byte lead with no constraint on its second byte */
                     continue;
