@@ -15,6 +15,7 @@ from pathlib import Path
 from data_prep.config import DataConfig, InputSpec, resolve_input_files
 from data_prep.dedup import HASH_NAME
 from data_prep.readers import detect_format, plan_splits
+from data_prep.shards import get_sha256
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,8 @@ def get_plan_params(data: DataConfig, spiece_path: Path | None = None) -> dict:
         "inputs": [spec.model_dump() for spec in data.inputs], "files": files, "unit_bytes": data.unit_bytes,
         "max_line_bytes": data.max_line_bytes, "clean": data.clean.model_dump(), "filters": data.filters.model_dump(),
         "near": data.dedup.model_dump() if data.dedup.near else None,
-        "spiece_sha256": _sha256(spiece_path) if spiece_path else None, "hash": HASH_NAME,
+        "spiece_sha256": get_sha256(spiece_path) if spiece_path else None, "hash": HASH_NAME,
     }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def get_params_digest(params: dict) -> str:
