@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer, T5TokenizerFast
 
+from data_prep import tokenizer as tokenizer_module
 from data_prep.config import TokenizerConfig
 from data_prep.tokenizer import (
     TokenizerCheck,
@@ -120,10 +121,11 @@ def unvouched_tok_dir(tok_dir, tmp_path) -> Path:
     return out
 
 
-def test_check_run_ahead_is_reused_only_for_the_same_files(unvouched_tok_dir, tmp_path):
+def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, unvouched_tok_dir, tmp_path, monkeypatch):
     """The pipeline checks tokenizer.path in another process while the docs workers run; the
     stage reuses that check for the copied files, and checks again if they are not the ones
     checked."""
+    built_manifest = json.loads((tok_dir / "manifest.json").read_text())
     tok_dir = unvouched_tok_dir
     check = TokenizerCheck(tok_dir).start()
     pid = check._process.pid
@@ -135,7 +137,9 @@ def test_check_run_ahead_is_reused_only_for_the_same_files(unvouched_tok_dir, tm
     cfg = TokenizerConfig(path=str(tok_dir), num_sentinels=NUM_SENTINELS)
     out = tmp_path / "copy"
     out.mkdir()
-    assert build_tokenizer(tmp_path, cfg, out, checked=checked) == json.loads((out / "manifest.json").read_text())
+    with monkeypatch.context() as patch:  # reused: not inspected again
+        patch.setattr(tokenizer_module, "inspect_tokenizer", lambda *a: pytest.fail("checked again"))
+        assert build_tokenizer(tmp_path, cfg, out, checked=checked) == built_manifest
     stale = {**checked, "files": {name: "0" * 64 for name in checked["files"]}, "vocab_size": 1}
     again = tmp_path / "again"
     again.mkdir()
