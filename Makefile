@@ -18,7 +18,7 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py data_prep/_whitespace.c data_prep/_jsonlines.c Makefile
+$(STAMP): pyproject.toml setup.py data_prep/_whitespace.c data_prep/_jsonlines.c data_prep/_spm_premap.c Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \

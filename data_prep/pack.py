@@ -25,9 +25,9 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import sentencepiece as spm
 
 from data_prep.shards import ShardWriter, write_json
+from data_prep.sp_encode import Encoder
 from data_prep.tokenizer import EOS_ID, iter_doc_batches
 
 # UTF-8 text per encode call: large enough to keep every core busy and the per-call cost
@@ -76,9 +76,9 @@ def iter_utf8(texts: pa.Array) -> Iterator[bytes]:
         yield data[start:end].tobytes()
 
 
-def encode_with_eos(sp: spm.SentencePieceProcessor, texts: list[bytes], num_threads: int) -> np.ndarray:
+def encode_with_eos(sp: Encoder, texts: list[bytes], num_threads: int) -> np.ndarray:
     """Ids of `texts` concatenated, each document followed by EOS."""
-    return join_with_eos(sp.encode(texts, num_threads=num_threads, return_type="numpy"))
+    return join_with_eos(sp.encode(texts, num_threads=num_threads))
 
 
 def join_with_eos(encoded: list[np.ndarray]) -> np.ndarray:
@@ -229,7 +229,7 @@ def pack_tokens(
     `vocab_size` is recorded for the trainer: ids the model must embed (pieces + sentinels).
     `num_threads`: SentencePiece encoding threads (default: one per CPU); the output is the same for any value.
     """
-    sp = spm.SentencePieceProcessor(model_file=str(spiece_path))
+    sp = Encoder(spiece_path)
     num_threads = num_threads or os.cpu_count() or 1
     writer = ShardWriter(out_dir, build_tokens_schema(pack_length), shard_bytes)
     packer = WindowPacker(writer, pack_length)

@@ -75,7 +75,7 @@ class TokenSink:
         self.lengths = open(tmp_dir / "lengths.bin", "wb")
 
     def add(self, texts: list[bytes]) -> None:
-        encoded = self.sp.encode(texts, num_threads=1, return_type="numpy")  # one worker per core already
+        encoded = self.sp.encode(texts, num_threads=1)  # one worker per core already
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=UNIT_IDS_DTYPE, count=len(encoded))
         # written from the arrays' own buffers: a tobytes() copy costs fresh pages
         self.tokens.write(join_with_eos(encoded).data)
@@ -257,9 +257,9 @@ def get_utf8_bytes(texts: pa.Array) -> int:
 
 
 def _load_sentencepiece(path: Path):
-    import sentencepiece as spm
+    from data_prep.sp_encode import Encoder
 
-    return spm.SentencePieceProcessor(model_file=str(path))
+    return Encoder(path)
 
 
 def _publish(tmp_dir: Path, final_dir: Path) -> None:
