@@ -43,6 +43,7 @@ typedef struct {
     const unsigned char *bmp_mapped; /* bit per BMP code point: its entry is not COPY (a test that stays in L1) */
     uint32_t flags;
     const unsigned char *pool;     /* the replacement strings */
+    size_t pool_size;
 } Table;
 
 /* --- the double-array trie, as darts-clone lays it out ----------------------------------- */
@@ -99,6 +100,8 @@ static int decode_utf8(const unsigned char *s, Py_ssize_t n, uint32_t *cp)
     return 0;
 }
 
+/* --- the rules, character by character --------------------------------------------------- */
+
 static int utf8_length(unsigned lead)
 {
     return lead < 0x80 ? 1 : lead >= 0xC2 && lead <= 0xDF ? 2 : lead >= 0xE0 && lead <= 0xEF ? 3
@@ -149,31 +152,6 @@ static void for_each_character(const Trie *trie, int64_t node,
     }
 }
 
-typedef struct {
-    uint32_t *entries;
-    const unsigned char *pool;
-    size_t pool_size;
-} Compiling;
-
-static uint32_t replacement_entry(const unsigned char *pool, size_t pool_size, uint32_t offset);
-
-/* A second character of a longer rule: a text with it is left to the model. */
-static void visit_second(const Trie *trie, const Path *path, uint32_t cp, void *context)
-{
-    (void)trie, (void)path;
-    ((Compiling *)context)->entries[cp] = FALLBACK;
-}
-
-/* A character some rule starts with: its own rule's replacement if it has one, and every
- * character that can follow it in a longer rule marked. */
-static void visit_first(const Trie *trie, const Path *path, uint32_t cp, void *context)
-{
-    Compiling *c = context;
-    if (c->entries[cp] != FALLBACK && trie_has_value(trie, path->parent, path->bytes[path->depth - 1], path->node))
-        c->entries[cp] = replacement_entry(c->pool, c->pool_size, unit_value(trie->units[path->node]));
-    for_each_character(trie, path->node, visit_second, context);
-}
-
 static int is_valid_utf8(const unsigned char *s, size_t n)
 {
     uint32_t cp;
@@ -202,6 +180,31 @@ static uint32_t replacement_entry(const unsigned char *pool, size_t pool_size, u
         return FALLBACK;
     return ((offset + 1) << 8) | (uint32_t)length;
 }
+
+typedef struct {
+    uint32_t *entries;
+    const unsigned char *pool;
+    size_t pool_size;
+} Compiling;
+
+/* A second character of a longer rule: a text with it is left to the model. */
+static void visit_second(const Trie *trie, const Path *path, uint32_t cp, void *context)
+{
+    (void)trie, (void)path;
+    ((Compiling *)context)->entries[cp] = FALLBACK;
+}
+
+/* A character some rule starts with: its own rule's replacement if it has one, and every
+ * character that can follow it in a longer rule marked. */
+static void visit_first(const Trie *trie, const Path *path, uint32_t cp, void *context)
+{
+    Compiling *c = context;
+    if (c->entries[cp] != FALLBACK && trie_has_value(trie, path->parent, path->bytes[path->depth - 1], path->node))
+        c->entries[cp] = replacement_entry(c->pool, c->pool_size, unit_value(trie->units[path->node]));
+    for_each_character(trie, path->node, visit_second, context);
+}
+
+/* --- a growable byte buffer ------------------------------------------------------------ */
 
 typedef struct {
     unsigned char *data;
@@ -242,6 +245,8 @@ static int write_varint(Buffer *out, uint64_t value)
     } while (value);
     return append(out, bytes, n);
 }
+
+/* --- the table -------------------------------------------------------------------------- */
 
 /* The table from a charsmap blob, or NULL with ValueError (or MemoryError) set. */
 static PyObject *build_table(const unsigned char *data, Py_ssize_t size)
@@ -540,14 +545,14 @@ static int map_text(const unsigned char *s, Py_ssize_t n, const Table *table, Bu
             i += length;
             continue;
         }
-        if (entry == FALLBACK)
+        size_t replacement = entry & 0xFF, offset = (entry >> 8) - 1;
+        if (entry == FALLBACK || offset + replacement > table->pool_size)  /* the latter: not our table */
             return MAPPED_FALLBACK;
-        size_t replacement = entry & 0xFF;
         if (buffer_reserve(out, (size_t)(i - run) + replacement) < 0)
             return MAPPED_NO_MEMORY;
         memcpy(out->data + out->size, s + run, (size_t)(i - run));
         out->size += (size_t)(i - run);
-        memcpy(out->data + out->size, table->pool + (entry >> 8) - 1, replacement);
+        memcpy(out->data + out->size, table->pool + offset, replacement);
         out->size += replacement;
         i += length;
         run = i;
@@ -580,7 +585,8 @@ static PyObject *premap(PyObject *self, PyObject *args)
         return NULL;
     }
     const unsigned char *bytes = table.buf;
-    Table view = {(const uint32_t *)bytes, bytes + NUM_CODE_POINTS * 4, 0, bytes + TABLE_HEADER_BYTES};
+    Table view = {(const uint32_t *)bytes, bytes + NUM_CODE_POINTS * 4, 0, bytes + TABLE_HEADER_BYTES,
+                  (size_t)(table.len - TABLE_HEADER_BYTES)};
     memcpy(&view.flags, bytes + NUM_CODE_POINTS * 4 + BMP_BITMAP_BYTES, sizeof view.flags);
     Py_ssize_t count = PyList_GET_SIZE(texts);
     PyObject *result = PyList_New(count);

@@ -44,7 +44,12 @@ class Encoder:
             except RuntimeError:  # a model SentencePiece refuses: loading it by name below says why
                 self.identity = None
         if self.table is None:
-            self.sp  # noqa: B018 - load now: a broken model fails here, named
+            self._load_model_now()
+
+    def _load_model_now(self) -> None:
+        """A model the table does not cover is loaded here, not at the first text: a broken
+        one fails before the workers fork, with SentencePiece's message naming the file."""
+        _ = self.sp
 
     @functools.cached_property
     def sp(self) -> spm.SentencePieceProcessor:

@@ -143,7 +143,7 @@ class UnitProcessor:
 
     def __init__(self, data: DataConfig, spiece_path: Path | None = None):
         self.data = data
-        self.sp = _load_sentencepiece(spiece_path) if spiece_path is not None else None  # once per worker
+        self.sp = _load_encoder(spiece_path) if spiece_path is not None else None  # before the fork: shared
         self.normalize = build_column_normalizer(data.clean)
         self.filters = build_filters(data.filters)
 
@@ -256,7 +256,7 @@ def get_utf8_bytes(texts: pa.Array) -> int:
     return pc.sum(pc.binary_length(texts)).as_py() or 0
 
 
-def _load_sentencepiece(path: Path):
+def _load_encoder(path: Path):
     from data_prep.sp_encode import Encoder
 
     return Encoder(path)
