@@ -11,9 +11,13 @@
  * map.
  *
  * compile_charsmap(blob) -> table: uint32 entries[0x110000], one per code point; a bitmap of
- * the BMP code points whose entry is not COPY; 8 bytes of flags; the replacement strings. An entry is COPY (no
- * one-character rule), FALLBACK (a second character, U+0000, or a rule whose replacement the
- * per-character map cannot stand in for), or ((offset + 1) << 8 | length) of its replacement.
+ * the BMP code points whose entry is not COPY; 8 bytes of flags; the replacement strings. An
+ * entry is COPY (no one-character rule), FALLBACK (a second character, U+0000, or a rule whose
+ * replacement the per-character map cannot stand in for), or ((offset + 1) << 8 | length) of
+ * its replacement.
+ *
+ * prepare(model) -> (table, identity model) | None: the same from a whole spiece.model, plus
+ * the model with an identity normaliser, read and rewritten at the protobuf wire level.
  *
  * premap(texts, table) -> list: per text (bytes), the text with every character replaced by
  * its rule; the same object when nothing changed; None when the text holds a FALLBACK
@@ -39,10 +43,10 @@
 
 /* compile_charsmap's bytes, as premap reads them. */
 typedef struct {
-    const uint32_t *entries;       /* per code point */
-    const unsigned char *bmp_mapped; /* bit per BMP code point: its entry is not COPY (a test that stays in L1) */
+    const uint32_t *entries;         /* per code point */
+    const unsigned char *bmp_mapped; /* a bit per BMP code point: its entry is not COPY (8 KB: stays in L1) */
     uint32_t flags;
-    const unsigned char *pool;     /* the replacement strings */
+    const unsigned char *pool;       /* the replacement strings */
     size_t pool_size;
 } Table;
 
@@ -513,13 +517,25 @@ static int map_text(const unsigned char *s, Py_ssize_t n, const Table *table, Bu
     int changed = 0;
     Py_ssize_t run = 0, i = 0;  /* s[run:i] is copied as is, when a change or the end comes */
     out->size = 0;
+    const unsigned char *bmp_mapped = table->bmp_mapped;
+    int printable_copied = (table->flags & PRINTABLE_ASCII_COPIED) != 0;
     while (i < n) {
         uint32_t cp, entry;
         int length;
+        /* the bulk of Japanese text: 3-byte characters (kana, kanji) that no rule maps */
+        while (i + 2 < n && (s[i] & 0xF0) == 0xE0 && is_continuation(s[i + 1]) && is_continuation(s[i + 2])) {
+            cp = ((uint32_t)(s[i] & 0x0F) << 12) | ((uint32_t)(s[i + 1] & 0x3F) << 6) | (s[i + 2] & 0x3F);
+            if (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF) || (bmp_mapped[cp >> 3] >> (cp & 7)) & 1)
+                break;
+            i += 3;
+        }
+        if (i >= n)
+            break;
         unsigned char c = s[i];
         if (c < 0x80) {
-            if (c >= 0x20 && c < 0x7F && (table->flags & PRINTABLE_ASCII_COPIED)) {
-                i += printable_ascii_run(s + i, n - i);
+            if (c >= 0x20 && c < 0x7F && printable_copied) {
+                /* a lone one (a space between words) without the 16-byte set-up */
+                i += i + 1 < n && s[i + 1] >= 0x20 && s[i + 1] < 0x7F ? printable_ascii_run(s + i, n - i) : 1;
                 continue;
             }
             cp = c;
@@ -536,7 +552,7 @@ static int map_text(const unsigned char *s, Py_ssize_t n, const Table *table, Bu
             i++;  /* not UTF-8 */
             continue;
         }
-        if (cp < 0x10000 && !(table->bmp_mapped[cp >> 3] & (1 << (cp & 7)))) {
+        if (cp < 0x10000 && !(bmp_mapped[cp >> 3] & (1 << (cp & 7)))) {
             i += length;
             continue;
         }
