@@ -76,9 +76,9 @@ def iter_utf8(texts: pa.Array) -> Iterator[bytes]:
         yield data[start:end].tobytes()
 
 
-def encode_with_eos(sp: Encoder, texts: list[bytes], num_threads: int) -> np.ndarray:
+def encode_with_eos(encoder: Encoder, texts: list[bytes], num_threads: int) -> np.ndarray:
     """Ids of `texts` concatenated, each document followed by EOS."""
-    return join_with_eos(sp.encode(texts, num_threads=num_threads))
+    return join_with_eos(encoder.encode(texts, num_threads=num_threads))
 
 
 def join_with_eos(encoded: list[np.ndarray]) -> np.ndarray:
@@ -229,10 +229,10 @@ def pack_tokens(
     `vocab_size` is recorded for the trainer: ids the model must embed (pieces + sentinels).
     `num_threads`: SentencePiece encoding threads (default: one per CPU); the output is the same for any value.
     """
-    sp = Encoder(spiece_path)
+    encoder = Encoder(spiece_path)
     num_threads = num_threads or os.cpu_count() or 1
     writer = ShardWriter(out_dir, build_tokens_schema(pack_length), shard_bytes)
     packer = WindowPacker(writer, pack_length)
     for texts in iter_text_chunks(docs_dir, ENCODE_CHUNK_BYTES):
-        packer.add(encode_with_eos(sp, texts, num_threads))
+        packer.add(encode_with_eos(encoder, texts, num_threads))
     return write_tokens_manifest(get_pack_counts(packer, writer, pack_length), vocab_size, out_dir)

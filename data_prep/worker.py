@@ -69,13 +69,13 @@ class TokenSink:
     front (`tokenizer.path`): tokenizing inside the docs workers keeps every core busy and
     saves the tokens stage a second pass over the text."""
 
-    def __init__(self, tmp_dir: Path, sp):
-        self.sp = sp
+    def __init__(self, tmp_dir: Path, encoder):
+        self.encoder = encoder
         self.tokens = open(tmp_dir / "tokens.bin", "wb")
         self.lengths = open(tmp_dir / "lengths.bin", "wb")
 
     def add(self, texts: list[bytes]) -> None:
-        encoded = self.sp.encode(texts, num_threads=1)  # one worker per core already
+        encoded = self.encoder.encode(texts, num_threads=1)  # one worker per core already
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=UNIT_IDS_DTYPE, count=len(encoded))
         # written from the arrays' own buffers: a tobytes() copy costs fresh pages
         self.tokens.write(join_with_eos(encoded).data)
@@ -89,17 +89,17 @@ class TokenSink:
 class UnitWriter:
     """Everything one unit writes, in its temporary directory."""
 
-    def __init__(self, tmp_dir: Path, near: bool, sp=None, exact: bool = True):
+    def __init__(self, tmp_dir: Path, near: bool, encoder=None, exact: bool = True):
         self.tmp_dir = tmp_dir
         self._sink = pa.OSFile(str(tmp_dir / "docs.arrow"), "wb")
         self._writer = pa.ipc.new_stream(self._sink, DOCS_SCHEMA)
         self.rejects = open(tmp_dir / "rejects.jsonl", "w", encoding="utf-8")
         self.hashes: list[bytes] = []  # 16 bytes per kept document: bounded by the unit's size
         self.signatures: list | None = [] if near else None
-        self.token_sink = TokenSink(tmp_dir, sp) if sp is not None else None
+        self.token_sink = TokenSink(tmp_dir, encoder) if encoder is not None else None
         # With exact dedup the merge drops every repeat of an earlier text, so a repeat within
         # the unit need not be encoded: it is written as an empty document (EOS alone), never packed.
-        self._seen: set[bytes] | None = set() if exact and sp is not None else None
+        self._seen: set[bytes] | None = set() if exact and encoder is not None else None
 
     def add_reject(self, unit: Unit, reject: Reject) -> None:
         record = {"input": unit.input_index, "unit": unit.index, "where": reject.where, "reason": reject.reason}
@@ -143,7 +143,7 @@ class UnitProcessor:
 
     def __init__(self, data: DataConfig, spiece_path: Path | None = None):
         self.data = data
-        self.sp = _load_encoder(spiece_path) if spiece_path is not None else None  # before the fork: shared
+        self.encoder = _load_encoder(spiece_path) if spiece_path is not None else None  # before the fork: shared
         self.normalize = build_column_normalizer(data.clean)
         self.filters = build_filters(data.filters)
 
@@ -154,7 +154,7 @@ class UnitProcessor:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)
         stats = UnitStats(unit.index, unit.input_index, unit.path, unit.format)
-        writer = UnitWriter(tmp_dir, self.data.dedup.near, self.sp, self.data.dedup.exact)
+        writer = UnitWriter(tmp_dir, self.data.dedup.near, self.encoder, self.data.dedup.exact)
         self._read_all(unit, writer, stats)
         stats.wall_s = time.perf_counter() - start
         writer.close(stats)
