@@ -239,6 +239,14 @@ def test_an_unchanged_text_is_not_copied(t5_model):
 # --- models it leaves alone, bad arguments --------------------------------------------------
 
 
+def test_without_the_extension_the_model_encodes(t5_model, monkeypatch):
+    """Where no C compiler built the extension, SentencePiece normalises, as it always did."""
+    monkeypatch.setattr(sp_encode, "_spm_premap", None)
+    encoder = Encoder(t5_model)
+    assert not encoder.premaps
+    assert_same_ids(encoder, utf8(["（名前）\nまだ無い", "ｶﾞ", ""]))
+
+
 def test_identity_model_is_encoded_as_it_is(tmp_path):
     encoder = Encoder(train(tmp_path / "identity", normalization_rule_name="identity"))
     assert not encoder.premaps
