@@ -154,11 +154,17 @@ def pack_unit_windows(unit_dirs: list[Path], keep: list[np.ndarray], pack_length
                       shard_bytes: int) -> dict:
     """The windows of units the docs workers already encoded (the same windows as `pack_tokens`),
     into `out_dir`; returns the counts and shards of the manifest."""
+    chunks = (chunk for unit_dir, unit_keep in zip(unit_dirs, keep) for chunk in iter_unit_token_chunks(unit_dir, unit_keep))
+    return pack_windows(chunks, pack_length, out_dir, shard_bytes)
+
+
+def pack_windows(chunks: Iterator[np.ndarray], pack_length: int, out_dir: Path, shard_bytes: int) -> dict:
+    """Ids (EOS after each document), chunk by chunk, into windows of `pack_length` in shards of
+    `out_dir`; returns the counts and shards of the manifest."""
     writer = ShardWriter(out_dir, build_tokens_schema(pack_length), shard_bytes)
     packer = WindowPacker(writer, pack_length)
-    for unit_dir, unit_keep in zip(unit_dirs, keep):
-        for chunk in iter_unit_token_chunks(unit_dir, unit_keep):
-            packer.add(chunk)
+    for chunk in chunks:
+        packer.add(chunk)
     return get_pack_counts(packer, writer, pack_length)
 
 
@@ -231,8 +237,5 @@ def pack_tokens(
     """
     encoder = Encoder(spiece_path)
     num_threads = num_threads or os.cpu_count() or 1
-    writer = ShardWriter(out_dir, build_tokens_schema(pack_length), shard_bytes)
-    packer = WindowPacker(writer, pack_length)
-    for texts in iter_text_chunks(docs_dir, ENCODE_CHUNK_BYTES):
-        packer.add(encode_with_eos(encoder, texts, num_threads))
-    return write_tokens_manifest(get_pack_counts(packer, writer, pack_length), vocab_size, out_dir)
+    chunks = (encode_with_eos(encoder, texts, num_threads) for texts in iter_text_chunks(docs_dir, ENCODE_CHUNK_BYTES))
+    return write_tokens_manifest(pack_windows(chunks, pack_length, out_dir, shard_bytes), vocab_size, out_dir)
