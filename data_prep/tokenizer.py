@@ -240,6 +240,12 @@ class TokenizerCheck:
         send.close()
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The check process's pid until it is reaped (result() or close()); None if none was
+        needed (the manifest vouched)."""
+        return self._process.pid if self._process is not None else None
+
     def result(self) -> dict | None:
         """The check's result (waiting for it if it is still running); None if it failed."""
         if self._process is not None:

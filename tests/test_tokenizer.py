@@ -128,7 +128,7 @@ def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, unvouched_to
     built_manifest = json.loads((tok_dir / "manifest.json").read_text())
     tok_dir = unvouched_tok_dir
     check = TokenizerCheck(tok_dir).start()
-    pid = check._process.pid
+    pid = check.pid
     checked = check.result()
     assert (checked["num_pieces"], checked["vocab_size"]) == (NUM_PIECES, NUM_PIECES + NUM_SENTINELS)
     assert check.result() == checked  # kept once read
@@ -147,7 +147,7 @@ def test_check_run_ahead_is_reused_only_for_the_same_files(tok_dir, unvouched_to
     # fails quietly: the stage checks again and raises there
     assert TokenizerCheck(tmp_path / "missing").start().result() is None
     with TokenizerCheck(tok_dir) as unread:  # result never asked for (the stage was done already)
-        pid = unread._process.pid
+        pid = unread.pid
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
 
@@ -156,22 +156,22 @@ def test_a_built_tokenizers_manifest_vouches_for_its_files(tok_dir, unvouched_to
     """A directory with the manifest a tokenizer stage wrote needs no check process while its
     files are the ones the manifest's sha256 name; a changed file or an older manifest does."""
     with TokenizerCheck(tok_dir) as check:
-        assert check._process is None
+        assert check.pid is None
         assert check.result() == inspect_tokenizer(tok_dir)
     vouched = unvouched_tok_dir
     write_tokenizer_manifest(vouched, NUM_SENTINELS)
     with TokenizerCheck(vouched) as check:
-        assert check._process is None
+        assert check.pid is None
     with open(vouched / "tokenizer.json", "a") as f:
         f.write("\n")  # same tokenizer, other bytes
     with TokenizerCheck(vouched) as check:
-        assert check._process is not None and check.result() == inspect_tokenizer(vouched)
+        assert check.pid is not None and check.result() == inspect_tokenizer(vouched)
     manifest = json.loads((tok_dir / "manifest.json").read_text())
     del manifest["files"]  # written before the manifest recorded them
     (vouched / "manifest.json").write_text(json.dumps(manifest))
     (vouched / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
     with TokenizerCheck(vouched) as check:
-        assert check._process is not None
+        assert check.pid is not None
 
 
 def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path):
