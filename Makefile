@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
+EXTENSIONS := $(VENV)/.extensions
+C_SOURCES := $(wildcard data_prep/_*.c)
 # DeepSpeed JIT-builds its C++ ops (the CPU Adam of the offload configs) into
 # ~/.cache/torch_extensions, which every checkout shares and rebuilds (minutes) when another
 # one used it: one cache per venv instead.
@@ -16,9 +18,9 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup bytecode quickstart test test-fast bench-prep bench-train clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(EXTENSIONS)
 
-$(STAMP): pyproject.toml setup.py data_prep/_whitespace.c data_prep/_jsonlines.c data_prep/_spm_premap.c Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
@@ -36,6 +38,12 @@ $(STAMP): pyproject.toml setup.py data_prep/_whitespace.c data_prep/_jsonlines.c
 	$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -e '.[test]' || \
 		{ echo "uv could not install the project: installing it with pip"; $(PY) -m pip install -q -e '.[test]'; }
 	touch $(STAMP)
+
+# The editable install above builds the C extensions next to their sources; a source edited
+# since is rebuilt in place (seconds) rather than by a new venv.
+$(EXTENSIONS): $(STAMP) $(C_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $(EXTENSIONS)
 
 # The project's own .pyc files, for the same reason as --compile-bytecode above (a second;
 # modules edited since are compiled again, here or by Python as it imports them).
