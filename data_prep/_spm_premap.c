@@ -121,15 +121,22 @@ typedef struct {
 
 /* Calls visit(trie, path, cp, context) for every whole character that continues a key from
  * `node`: walks the children a byte at a time, trying only bytes UTF-8 allows next, so the
- * work follows the trie's size, not the code space's. */
+ * work follows the trie's size, not the code space's. Sets *broken if a key ends inside a
+ * character or holds bytes that are not UTF-8 (SentencePiece's builder makes no such key;
+ * a table could not stand in for one). */
 static void for_each_character(const Trie *trie, int64_t node,
-                               void (*visit)(const Trie *, const Path *, uint32_t, void *), void *context)
+                               void (*visit)(const Trie *, const Path *, uint32_t, void *), void *context,
+                               int *broken)
 {
-    for (unsigned lead = 1; lead <= 0xF4; lead++) {
+    for (unsigned lead = 1; lead <= 0xFF; lead++) {
         int length = utf8_length(lead);
-        int64_t child = length ? trie_child(trie, node, (unsigned char)lead) : -1;
+        int64_t child = trie_child(trie, node, (unsigned char)lead);
         if (child < 0)
             continue;
+        if (length == 0) {  /* no character starts with this byte */
+            *broken = 1;
+            continue;
+        }
         Path stack[3 * 64 + 1], top;
         int size = 0;
         stack[size++] = (Path){child, node, {(unsigned char)lead}, 1};
@@ -139,8 +146,12 @@ static void for_each_character(const Trie *trie, int64_t node,
                 uint32_t cp;
                 if (decode_utf8(top.bytes, length, &cp) == length)
                     visit(trie, &top, cp, context);
+                else if (trie_has_value(trie, top.parent, top.bytes[top.depth - 1], top.node))
+                    *broken = 1;
                 continue;
             }
+            if (trie_has_value(trie, top.parent, top.bytes[top.depth - 1], top.node))
+                *broken = 1;
             for (unsigned cont = 0x80; cont <= 0xBF; cont++) {
                 int64_t next = trie_child(trie, top.node, (unsigned char)cont);
                 if (next < 0)
@@ -189,6 +200,7 @@ typedef struct {
     uint32_t *entries;
     const unsigned char *pool;
     size_t pool_size;
+    int broken; /* a key that is not whole UTF-8 characters */
 } Compiling;
 
 /* A second character of a longer rule: a text with it is left to the model. */
@@ -205,7 +217,7 @@ static void visit_first(const Trie *trie, const Path *path, uint32_t cp, void *c
     Compiling *c = context;
     if (c->entries[cp] != FALLBACK && trie_has_value(trie, path->parent, path->bytes[path->depth - 1], path->node))
         c->entries[cp] = replacement_entry(c->pool, c->pool_size, unit_value(trie->units[path->node]));
-    for_each_character(trie, path->node, visit_second, context);
+    for_each_character(trie, path->node, visit_second, context, &c->broken);
 }
 
 /* --- a growable byte buffer ------------------------------------------------------------ */
@@ -278,8 +290,14 @@ static PyObject *build_table(const unsigned char *data, Py_ssize_t size)
     memset(entries, 0, TABLE_HEADER_BYTES);
     memcpy(PyBytes_AS_STRING(table) + TABLE_HEADER_BYTES, pool, pool_size);
 
-    Compiling compiling = {entries, pool, pool_size};
-    for_each_character(&trie, (int64_t)unit_offset(units[0]), visit_first, &compiling);
+    Compiling compiling = {entries, pool, pool_size, 0};
+    for_each_character(&trie, (int64_t)unit_offset(units[0]), visit_first, &compiling, &compiling.broken);
+    if (compiling.broken) {
+        PyMem_Free(units);
+        Py_DECREF(table);
+        PyErr_SetString(PyExc_ValueError, "the charsmap has a rule whose key is not whole UTF-8 characters");
+        return NULL;
+    }
     entries[0] = FALLBACK;  /* darts-clone keys end at NUL: leave U+0000 to the model */
     for (uint32_t cp = 0; cp < 0x10000; cp++)
         if (entries[cp] != COPY)

@@ -283,6 +283,24 @@ def test_a_model_that_is_not_protobuf_fails_naming_its_file(tmp_path):
         Encoder(bad)
 
 
+def test_a_rule_that_ends_inside_a_character_is_refused(t5_model):
+    """SentencePiece's builder makes keys of whole characters; a charsmap with a key ending
+    inside one (here: the first byte of the full-width forms, EF, made a key) could match
+    bytes a table cannot, so it is refused and the model normalises as it always does."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(t5_model.read_bytes())
+    blob = bytearray(proto.normalizer_spec.precompiled_charsmap)
+    units = np.frombuffer(blob, dtype="<u4", count=struct.unpack_from("<I", blob)[0] // 4, offset=4)
+    root = (int(units[0]) >> 10) << ((int(units[0]) & (1 << 9)) >> 6)
+    position = root ^ 0xEF
+    assert int(units[position]) & 0xFF == 0xEF and not (int(units[position]) >> 8) & 1
+    struct.pack_into("<I", blob, 4 + 4 * position, int(units[position]) | (1 << 8))
+    with pytest.raises(ValueError, match="not whole UTF-8 characters"):
+        sp_encode._spm_premap.compile_charsmap(bytes(blob))
+    proto.normalizer_spec.precompiled_charsmap = bytes(blob)
+    assert sp_encode._spm_premap.prepare(proto.SerializeToString()) is None
+
+
 def test_premap_names_a_text_that_is_not_bytes(t5_model):
     with pytest.raises(TypeError, match=r"texts\[1\] is str, not bytes"):
         sp_encode._spm_premap.premap([b"a", "b"], encoder_for(t5_model).table)
