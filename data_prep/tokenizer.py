@@ -286,7 +286,7 @@ def _run_check(tokenizer_dir: Path, send) -> None:
 def write_tokenizer_manifest(out_dir: Path, num_sentinels: int, checked: dict | None = None) -> dict:
     """The manifest of `out_dir` (after checking the T5 layout and the Hugging Face vocabulary);
     `checked`: an `inspect_tokenizer` result to reuse if it was read from the same files."""
-    files = {name: get_sha256(out_dir / name) for name in (SPIECE_FILE, "tokenizer.json")}
+    files = hash_tokenizer_files(out_dir)
     if checked is None or checked["files"] != files:
         checked = inspect_tokenizer(out_dir)
     num_pieces, vocab_size = checked["num_pieces"], checked["vocab_size"]
