@@ -505,6 +505,8 @@ enum { MAPPED_NONE = 0, MAPPED_CHANGED = 1, MAPPED_FALLBACK = 2, MAPPED_NO_MEMOR
 
 static int is_continuation(unsigned char byte) { return (byte & 0xC0) == 0x80; }
 
+static int is_mapped_in_bmp(const unsigned char *bmp_mapped, uint32_t cp) { return (bmp_mapped[cp >> 3] >> (cp & 7)) & 1; }
+
 /* How many bytes from s[0] on are printable ASCII (20-7E), which no rule maps: up to the first
  * other byte, 16 at a time with SSE2. */
 static Py_ssize_t printable_ascii_run(const unsigned char *s, Py_ssize_t n)
@@ -543,8 +545,8 @@ static int map_text(const unsigned char *s, Py_ssize_t n, const Table *table, Bu
         /* the bulk of Japanese text: 3-byte characters (kana, kanji) that no rule maps */
         while (i + 2 < n && (s[i] & 0xF0) == 0xE0 && is_continuation(s[i + 1]) && is_continuation(s[i + 2])) {
             cp = ((uint32_t)(s[i] & 0x0F) << 12) | ((uint32_t)(s[i + 1] & 0x3F) << 6) | (s[i + 2] & 0x3F);
-            if (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF) || (bmp_mapped[cp >> 3] >> (cp & 7)) & 1)
-                break;
+            if (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF) || is_mapped_in_bmp(bmp_mapped, cp))
+                break;  /* not UTF-8, or mapped: the general step below */
             i += 3;
         }
         if (i >= n)
@@ -558,19 +560,11 @@ static int map_text(const unsigned char *s, Py_ssize_t n, const Table *table, Bu
             }
             cp = c;
             length = 1;
-        } else if ((c & 0xF0) == 0xE0 && i + 2 < n && is_continuation(s[i + 1]) && is_continuation(s[i + 2])) {
-            /* the common case in Japanese text: kana and kanji are 3 bytes */
-            cp = ((uint32_t)(c & 0x0F) << 12) | ((uint32_t)(s[i + 1] & 0x3F) << 6) | (s[i + 2] & 0x3F);
-            length = 3;
-            if (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF)) {
-                i++;  /* not UTF-8 */
-                continue;
-            }
         } else if ((length = decode_utf8(s + i, n - i, &cp)) == 0) {
             i++;  /* not UTF-8 */
             continue;
         }
-        if (cp < 0x10000 && !(bmp_mapped[cp >> 3] & (1 << (cp & 7)))) {
+        if (cp < 0x10000 && !is_mapped_in_bmp(bmp_mapped, cp)) {
             i += length;
             continue;
         }
