@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 EXTENSIONS := $(VENV)/.extensions
-C_SOURCES := $(wildcard data_prep/_*.c)
+C_SOURCES := $(wildcard data_prep/_*.c data_prep/_*.h)
 # DeepSpeed JIT-builds its C++ ops (the CPU Adam of the offload configs) into
 # ~/.cache/torch_extensions, which every checkout shares and rebuilds (minutes) when another
 # one used it: one cache per venv instead.

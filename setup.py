@@ -10,7 +10,9 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("data_prep._whitespace", ["data_prep/_whitespace.c"], optional=True, extra_compile_args=["-O2"]),
-        Extension("data_prep._jsonlines", ["data_prep/_jsonlines.c"], optional=True, extra_compile_args=["-O2"]),
-        Extension("data_prep._spm_premap", ["data_prep/_spm_premap.c"], optional=True, extra_compile_args=["-O2"]),
+        Extension("data_prep._jsonlines", ["data_prep/_jsonlines.c"], depends=["data_prep/_utf8.h"], optional=True,
+                  extra_compile_args=["-O2"]),
+        Extension("data_prep._spm_premap", ["data_prep/_spm_premap.c"], depends=["data_prep/_utf8.h"], optional=True,
+                  extra_compile_args=["-O2"]),
     ],
 )

@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "_utf8.h"
 
 #define MAX_DEPTH 256
 #define MAX_ID_DIGITS 18
@@ -47,37 +48,6 @@ static void init_stops(void)
     stops['"'] = stops['\\'] = 1;
     for (int c = 0x80; c < 0x100; c++)
         stops[c] = 1;
-}
-
-/* The length of the valid UTF-8 sequence at p (its first byte >= 0x80), or 0 if there is none. */
-static inline int utf8_sequence(const unsigned char *p, const unsigned char *end)
-{
-    unsigned char b0 = p[0];
-    int n;
-    unsigned char lo = 0x80, hi = 0xbf; /* the second byte's range */
-    if (b0 >= 0xc2 && b0 <= 0xdf) {
-        n = 2;
-    } else if (b0 >= 0xe0 && b0 <= 0xef) {
-        n = 3;
-        if (b0 == 0xe0)
-            lo = 0xa0; /* no overlong form */
-        else if (b0 == 0xed)
-            hi = 0x9f; /* no surrogate */
-    } else if (b0 >= 0xf0 && b0 <= 0xf4) {
-        n = 4;
-        if (b0 == 0xf0)
-            lo = 0x90;
-        else if (b0 == 0xf4)
-            hi = 0x8f; /* nothing above U+10FFFF */
-    } else {
-        return 0; /* a continuation byte, an overlong lead (0xc0, 0xc1) or 0xf5 and up */
-    }
-    if (end - p < n || p[1] < lo || p[1] > hi)
-        return 0;
-    for (int i = 2; i < n; i++)
-        if ((p[i] & 0xc0) != 0x80)
-            return 0;
-    return n;
 }
 
 static inline void skip_space(Cursor *c)
@@ -146,7 +116,8 @@ static int read_string(Cursor *c, unsigned char **out)
                     p += 3; /* kana and kanji: a 3-byte lead with no constraint on its second byte */
                     continue;
                 }
-                int n = utf8_sequence(p, end);
+                uint32_t cp;
+                int n = utf8_decode(p, end - p, &cp);
                 if (n == 0)
                     return -1; /* not UTF-8 */
                 p += n;

@@ -28,6 +28,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include "_utf8.h"
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -77,40 +78,7 @@ static int trie_has_value(const Trie *trie, int64_t parent, unsigned char byte, 
     return unit_has_leaf(trie->units[(uint64_t)parent ^ byte]) && (uint64_t)node < trie->num_units;
 }
 
-/* Decodes one valid UTF-8 character (no overlong form, no surrogate, at most U+10FFFF) into
- * *cp and returns its length, or 0 if the bytes there are not one. */
-static int decode_utf8(const unsigned char *s, Py_ssize_t n, uint32_t *cp)
-{
-    unsigned char c = s[0];
-    if (c < 0x80) { *cp = c; return 1; }
-    if (c >= 0xC2 && c <= 0xDF) {
-        if (n < 2 || (s[1] & 0xC0) != 0x80) return 0;
-        *cp = ((uint32_t)(c & 0x1F) << 6) | (s[1] & 0x3F);
-        return 2;
-    }
-    if (c >= 0xE0 && c <= 0xEF) {
-        if (n < 3 || (s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80) return 0;
-        *cp = ((uint32_t)(c & 0x0F) << 12) | ((uint32_t)(s[1] & 0x3F) << 6) | (s[2] & 0x3F);
-        if (*cp < 0x800 || (*cp >= 0xD800 && *cp <= 0xDFFF)) return 0;
-        return 3;
-    }
-    if (c >= 0xF0 && c <= 0xF4) {
-        if (n < 4 || (s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80 || (s[3] & 0xC0) != 0x80) return 0;
-        *cp = ((uint32_t)(c & 0x07) << 18) | ((uint32_t)(s[1] & 0x3F) << 12)
-            | ((uint32_t)(s[2] & 0x3F) << 6) | (s[3] & 0x3F);
-        if (*cp < 0x10000 || *cp > 0x10FFFF) return 0;
-        return 4;
-    }
-    return 0;
-}
-
 /* --- the rules, character by character --------------------------------------------------- */
-
-static int utf8_length(unsigned lead)
-{
-    return lead < 0x80 ? 1 : lead >= 0xC2 && lead <= 0xDF ? 2 : lead >= 0xE0 && lead <= 0xEF ? 3
-         : lead >= 0xF0 && lead <= 0xF4 ? 4 : 0;
-}
 
 typedef struct {
     int64_t node;   /* where the character's bytes lead */
@@ -144,7 +112,7 @@ static void for_each_character(const Trie *trie, int64_t node,
             top = stack[--size];
             if (top.depth == length) {
                 uint32_t cp;
-                if (decode_utf8(top.bytes, length, &cp) == length)
+                if (utf8_decode(top.bytes, length, &cp) == length)
                     visit(trie, &top, cp, context);
                 else if (trie_has_value(trie, top.parent, top.bytes[top.depth - 1], top.node))
                     *broken = 1;
@@ -171,7 +139,7 @@ static int is_valid_utf8(const unsigned char *s, size_t n)
 {
     uint32_t cp;
     for (size_t i = 0; i < n;) {
-        int length = decode_utf8(s + i, (Py_ssize_t)(n - i), &cp);
+        int length = utf8_decode(s + i, (ptrdiff_t)(n - i), &cp);
         if (length == 0)
             return 0;
         i += length;
@@ -560,7 +528,7 @@ static int map_text(const unsigned char *s, Py_ssize_t n, const Table *table, Bu
             }
             cp = c;
             length = 1;
-        } else if ((length = decode_utf8(s + i, n - i, &cp)) == 0) {
+        } else if ((length = utf8_decode(s + i, n - i, &cp)) == 0) {
             i++;  /* not UTF-8 */
             continue;
         }
